@@ -1,0 +1,88 @@
+"""The data a dense -> MoE family pair declares; the converter reads it and branches on nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Keys of a source config.json that describe the file or the source class rather than the model.
+NEVER_COPIED = frozenset(
+    {"architectures", "model_type", "transformers_version", "auto_map", "_name_or_path", "upcycle"}
+)
+
+
+@dataclass(frozen=True)
+class DenseMLPNames:
+    """Tensor-name templates of a dense gated FFN, with `{layer}`."""
+
+    gate: str = "model.layers.{layer}.mlp.gate_proj.weight"
+    up: str = "model.layers.{layer}.mlp.up_proj.weight"
+    down: str = "model.layers.{layer}.mlp.down_proj.weight"
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Tensor-name templates of one on-disk expert layout, with `{layer}` and `{expert}`.
+
+    `fused` layouts hold all experts of a layer in two tensors: `gate_up` of shape (E, 2I, H),
+    gate rows first, and `down` of shape (E, H, I). Per-expert layouts hold (I, H), (I, H), (H, I)
+    tensors per expert.
+    """
+
+    fused: bool
+    router: str
+    gate: str = ""
+    up: str = ""
+    down: str = ""
+    gate_up: str = ""
+
+
+@dataclass(frozen=True)
+class SharedExpertNames:
+    """Tensor-name templates of an always-on shared expert and its sigmoid gate, with `{layer}`."""
+
+    gate: str
+    up: str
+    down: str
+    expert_gate: str
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A source config field that must hold `value` for the pair to be exact, and why."""
+
+    field: str
+    value: Any
+    reason: str
+
+
+@dataclass(frozen=True)
+class FamilyPair:
+    """One dense -> MoE pair, as data: what to copy, translate, rename and refuse.
+
+    Config: every source field the target config class knows is copied, except `NEVER_COPIED`
+    and `dropped_fields`; `extra_copied_fields` are copied even if the target class does not list
+    them (it still reads them); `overrides` are set on top; the expert count, top-k and expert
+    width go to the target's own field names.
+    Tensors: every source tensor is copied under its own name, except the dense MLP, which becomes
+    the router and experts in one of `layouts`.
+    """
+
+    name: str
+    source_model_types: tuple[str, ...]
+    target_model_type: str
+    target_architecture: str
+    experts_field: str
+    top_k_field: str
+    expert_size_field: str
+    layouts: dict[str, ExpertLayout]
+    default_layout: str
+    dense_mlp: DenseMLPNames = DenseMLPNames()
+    shared_expert: SharedExpertNames | None = None
+    shared_expert_size_field: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    dropped_fields: frozenset[str] = frozenset()
+    extra_copied_fields: frozenset[str] = frozenset()
+    requirements: tuple[Requirement, ...] = ()
+    ignored_source_tensors: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    notes: str = ""
