@@ -1,7 +1,8 @@
 """upcycle: dense Hugging Face checkpoints to sparse Mixture-of-Experts models and back."""
 
-from upcycle.errors import UpcycleError
-
 __version__ = "0.1.0"
 
-__all__ = ["UpcycleError", "__version__"]
+from upcycle.convert import ConvertSummary, convert  # noqa: E402
+from upcycle.errors import UpcycleError  # noqa: E402
+
+__all__ = ["ConvertSummary", "UpcycleError", "__version__", "convert"]

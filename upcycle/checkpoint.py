@@ -118,13 +118,19 @@ class LazyTensors:
     def get(self, name: str) -> torch.Tensor:
         """Return the tensor `name`, read from its shard.
 
+        Safetensors shards are mapped afresh for each read and unmapped right after: a mapping
+        kept open keeps every page read so far resident, so peak RSS would grow to the size of
+        the model instead of one tensor (measured in scripts/bench/convert.py).
+
         Raises:
             KeyError: no tensor has that name.
         """
-        handle = self._handle(self._shard_of[name])
+        path = self._shard_of[name]
+        handle = self._handle(path)
         if isinstance(handle, dict):
             return handle[name]
-        return handle.get_tensor(name)
+        with safe_open(str(path), framework="pt", device="cpu") as reader:
+            return reader.get_tensor(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Return the shape of tensor `name` without reading its data."""
@@ -217,7 +223,9 @@ def _shard_map(directory: Path) -> dict[str, Path]:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise UpcycleError(f"{index_path} is not a valid shard index (no 'weight_map')") from None
-            shard_files = {name: _safe_shard_path(directory, name, index_name) for name in set(weight_map.values())}
+            shard_files = {
+                name: _safe_shard_path(directory, name, index_name) for name in set(weight_map.values())
+            }
             return {tensor: shard_files[shard] for tensor, shard in weight_map.items()}
     files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
     if not files:
@@ -266,7 +274,9 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> tu
     except HfHubHTTPError as err:
         raise UpcycleError(f"could not fetch {text} from the Hub: {str(err).splitlines()[0]}") from None
     except (OSError, ValueError) as err:
-        raise UpcycleError(f"{text} does not exist locally and could not be fetched from the Hub: {err}") from None
+        raise UpcycleError(
+            f"{text} does not exist locally and could not be fetched from the Hub: {err}"
+        ) from None
     return Path(local), text
 
 
@@ -308,7 +318,7 @@ class TensorSpec:
 
 
 def assign_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
-    """Return the specs split into consecutive shards of at most `max_shard_bytes` (one tensor may exceed it)."""
+    """Return the specs cut into shards of at most `max_shard_bytes` (a lone tensor may exceed it)."""
     shards: list[list[TensorSpec]] = [[]]
     size = 0
     for spec in specs:
@@ -392,7 +402,9 @@ class StreamingWriter:
         self._close_file()
         remaining = list(self._queue)
         if remaining:
-            raise ValueError(f"{len(remaining)} planned tensors were not written, first {remaining[0][1].name}")
+            raise ValueError(
+                f"{len(remaining)} planned tensors were not written, first {remaining[0][1].name}"
+            )
         if len(self.shards) > 1:
             weight_map = {
                 spec.name: self.file_names[i] for i, shard in enumerate(self.shards) for spec in shard

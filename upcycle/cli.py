@@ -30,9 +30,13 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="on-disk expert layout (default: the family's Hub layout, per-expert where it exists)",
     )
-    parser.add_argument("--dtype", default="auto", help="output dtype: auto (as the source), float32, bfloat16, float16")
+    parser.add_argument(
+        "--dtype", default="auto", help="output dtype: auto (as the source), float32, bfloat16, float16"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for router initialisation")
-    parser.add_argument("--router-std", type=float, default=None, help="router init std (default: initializer_range)")
+    parser.add_argument(
+        "--router-std", type=float, default=None, help="router init std (default: initializer_range)"
+    )
     parser.add_argument("--revision", default=None, help="Hub revision of the source")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")

@@ -132,14 +132,20 @@ def _dense_mlp_layers(checkpoint: SourceCheckpoint, family: FamilyPair, num_laye
     names = family.dense_mlp
     layers = []
     for layer in range(num_layers):
-        present = [template.format(layer=layer) in checkpoint.tensors for template in (names.gate, names.up, names.down)]
+        present = [
+            template.format(layer=layer) in checkpoint.tensors
+            for template in (names.gate, names.up, names.down)
+        ]
         if all(present):
             layers.append(layer)
         elif any(present):
-            raise UpcycleError(f"layer {layer} of {checkpoint.name} has an incomplete MLP (gate/up/down missing)")
+            raise UpcycleError(
+                f"layer {layer} of {checkpoint.name} has an incomplete MLP (gate/up/down missing)"
+            )
     if not layers:
         raise UpcycleError(
-            f"{checkpoint.name} has no dense MLP tensors named like {names.gate!r}; is it a {family.name} source?"
+            f"{checkpoint.name} has no dense MLP tensors named like {names.gate!r}; "
+            f"is it a {family.name} source?"
         )
     return layers
 
@@ -165,7 +171,11 @@ def plan_conversion(
     expert_layout = family.layouts[layout]
     num_layers = int(checkpoint.config["num_hidden_layers"])
     moe_layers = _dense_mlp_layers(checkpoint, family, num_layers)
-    mlp_names = {template.format(layer=layer) for layer in moe_layers for template in (names.gate, names.up, names.down)}
+    mlp_names = {
+        template.format(layer=layer)
+        for layer in moe_layers
+        for template in (names.gate, names.up, names.down)
+    }
 
     def output_dtype(name: str) -> torch.dtype:
         source = tensors.dtype(name)
@@ -186,7 +196,9 @@ def plan_conversion(
     def add_copies(key: int) -> None:
         for name in copied.get(key, []):
             out_dtype = output_dtype(name)
-            plan.append(PlannedTensor(TensorSpec(name, out_dtype, tensors.shape(name)), copy(name, out_dtype)))
+            plan.append(
+                PlannedTensor(TensorSpec(name, out_dtype, tensors.shape(name)), copy(name, out_dtype))
+            )
 
     expert_size = None
     # Write order follows the model: embeddings, the layers in turn, then final norm and head.
@@ -199,7 +211,10 @@ def plan_conversion(
             continue
         gate_name, up_name, down_name = (t.format(layer=layer) for t in (names.gate, names.up, names.down))
         intermediate, hidden = tensors.shape(gate_name)
-        if tensors.shape(up_name) != (intermediate, hidden) or tensors.shape(down_name) != (hidden, intermediate):
+        if tensors.shape(up_name) != (intermediate, hidden) or tensors.shape(down_name) != (
+            hidden,
+            intermediate,
+        ):
             raise UpcycleError(f"layer {layer}: gate/up/down shapes do not match a gated FFN")
         expert_size = builder.expert_size(intermediate)
         weight_dtype = output_dtype(gate_name)
@@ -224,7 +239,9 @@ def plan_conversion(
     return plan, moe_layers, expert_size
 
 
-def _expert_tensors(builder, expert_layout, layer, hidden, expert_size, weight_dtype, dense) -> list[PlannedTensor]:
+def _expert_tensors(
+    builder, expert_layout, layer, hidden, expert_size, weight_dtype, dense
+) -> list[PlannedTensor]:
     experts = range(builder.num_experts)
 
     def one(projection: str, expert: int) -> Callable[[], torch.Tensor]:
@@ -244,11 +261,17 @@ def _expert_tensors(builder, expert_layout, layer, hidden, expert_size, weight_d
 
         return [
             PlannedTensor(
-                TensorSpec(expert_layout.gate_up.format(layer=layer), weight_dtype, (len(experts), 2 * expert_size, hidden)),
+                TensorSpec(
+                    expert_layout.gate_up.format(layer=layer),
+                    weight_dtype,
+                    (len(experts), 2 * expert_size, hidden),
+                ),
                 gate_up,
             ),
             PlannedTensor(
-                TensorSpec(expert_layout.down.format(layer=layer), weight_dtype, (len(experts), hidden, expert_size)),
+                TensorSpec(
+                    expert_layout.down.format(layer=layer), weight_dtype, (len(experts), hidden, expert_size)
+                ),
                 down,
             ),
         ]
@@ -264,10 +287,17 @@ def _expert_tensors(builder, expert_layout, layer, hidden, expert_size, weight_d
     return planned
 
 
-def _empty_shared_expert(family: FamilyPair, layer: int, hidden: int, weight_dtype: torch.dtype) -> list[PlannedTensor]:
+def _empty_shared_expert(
+    family: FamilyPair, layer: int, hidden: int, weight_dtype: torch.dtype
+) -> list[PlannedTensor]:
     """A width-0 shared expert (it adds exactly zero) and a zero gate, for targets that always have one."""
     shared = family.shared_expert
-    shapes = {shared.gate: (0, hidden), shared.up: (0, hidden), shared.down: (hidden, 0), shared.expert_gate: (1, hidden)}
+    shapes = {
+        shared.gate: (0, hidden),
+        shared.up: (0, hidden),
+        shared.down: (hidden, 0),
+        shared.expert_gate: (1, hidden),
+    }
     return [
         PlannedTensor(
             TensorSpec(template.format(layer=layer), weight_dtype, shape),
@@ -277,7 +307,9 @@ def _empty_shared_expert(family: FamilyPair, layer: int, hidden: int, weight_dty
     ]
 
 
-def count_parameters(plan: list[PlannedTensor], num_experts: int, top_k: int, expert_size: int, hidden: int, moe_layers: int) -> tuple[int, int]:
+def count_parameters(
+    plan: list[PlannedTensor], num_experts: int, top_k: int, expert_size: int, hidden: int, moe_layers: int
+) -> tuple[int, int]:
     """Return (total parameters, parameters active per token) of a planned MoE."""
     total = sum(p.spec.nbytes // torch.empty((), dtype=p.spec.dtype).element_size() for p in plan)
     inactive_per_layer = (num_experts - top_k) * 3 * expert_size * hidden
