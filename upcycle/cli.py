@@ -1,81 +1,27 @@
-"""The `upcycle` command line: each subcommand parses its options and calls the library."""
+"""The `upcycle` command line: each subcommand parses its options and calls the library.
+
+Each subcommand lives in `upcycle/commands/<name>.py` with `register(subparsers)` (adds its parser
+and sets `run`); adding a subcommand is adding a module and its name to `COMMANDS`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import shlex
+import importlib
 import sys
 
 from upcycle.errors import UpcycleError
-from upcycle.families import TARGETS
 
 EXIT_USER_ERROR = 2
-
-
-def _add_convert(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "convert",
-        help="turn a dense checkpoint into a sparse MoE checkpoint",
-        description="Upcycle a dense Hugging Face causal LM (local directory or Hub id) into a stock "
-        "transformers MoE checkpoint whose experts are copies of the dense FFN.",
-    )
-    parser.add_argument("source", help="dense checkpoint: a local directory or a Hub model id")
-    parser.add_argument("output", help="output directory (must not exist unless --force)")
-    parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default 8)")
-    parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
-    parser.add_argument("--target", default="auto", choices=["auto", *TARGETS], help="target MoE family")
-    parser.add_argument(
-        "--layout",
-        choices=["per-expert", "fused"],
-        default=None,
-        help="on-disk expert layout (default: the family's Hub layout, per-expert where it exists)",
-    )
-    parser.add_argument(
-        "--dtype", default="auto", help="output dtype: auto (as the source), float32, bfloat16, float16"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed for router initialisation")
-    parser.add_argument(
-        "--router-std", type=float, default=None, help="router init std (default: initializer_range)"
-    )
-    parser.add_argument("--revision", default=None, help="Hub revision of the source")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    parser.set_defaults(run=_run_convert)
-
-
-def _run_convert(args: argparse.Namespace) -> int:
-    from upcycle.convert import convert
-
-    summary = convert(
-        args.source,
-        args.output,
-        experts=args.experts,
-        top_k=args.top_k,
-        target=args.target,
-        layout=args.layout,
-        dtype=args.dtype,
-        seed=args.seed,
-        router_std=args.router_std,
-        force=args.force,
-        quiet=args.quiet,
-        revision=args.revision,
-        max_shard_size=args.max_shard_size,
-        command="upcycle " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["convert"] else None,
-    )
-    if not args.quiet:
-        print(
-            f"wrote {summary.output}: {summary.family}, {summary.num_experts} experts, top-{summary.top_k}, "
-            f"{summary.total_parameters:,} parameters ({summary.active_parameters:,} active per token)"
-        )
-    return 0
+COMMANDS = ("convert",)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(prog="upcycle", description=__doc__)
+    """Return the argument parser with every subcommand of `COMMANDS` registered."""
+    parser = argparse.ArgumentParser(prog="upcycle", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_convert(subparsers)
+    for name in COMMANDS:
+        importlib.import_module(f"upcycle.commands.{name}").register(subparsers)
     return parser
 
 
