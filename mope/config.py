@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -35,18 +36,24 @@ class MoPEConfig(PeftConfig):
       projections) get a router of their own, as in ``"linear"``.
 
     Structure options: ``shared_expert`` adds an always-on LoRA of rank ``r`` beside the routed
-    ones; ``share_a`` keeps one ``A`` for all experts and a ``B`` per expert (HydraLoRA);
-    ``num_experts_pattern`` changes the expert count per module (MoLA: more experts in higher
-    layers).
+    ones (with ``routing="block"`` it is part of every FFN expert); ``share_a`` keeps one ``A``
+    for all experts and a ``B`` per expert (HydraLoRA); ``num_experts_pattern`` changes the
+    expert count per module (MoLA: more experts in higher layers). ``router_noise`` jitters the
+    router input while training; ``aux_loss_coef`` and ``z_loss_coef`` weight the load-balancing
+    and z-loss terms that `mope.aux_loss` returns.
 
-    What MoPE adapts: ``nn.Linear`` modules only, in dense and in MoE models (attention
-    projections, shared experts, dense MLPs). Fused expert tensors of transformers-5 MoE models
-    (``mlp.experts.gate_up_proj`` of shape (E, 2I, H)) are parameters, not linear modules, and are
-    refused with an error; adapt them with ``peft.LoraConfig(target_parameters=[...])``.
+    What MoPE adapts: ``nn.Linear`` modules (and, with ``routing="block"``, gated FFN blocks), in
+    dense and in MoE models: attention projections, dense MLPs, and the shared expert of
+    Qwen2-MoE-style models (a gated FFN, so ``routing="block"`` turns it into a mixture). The
+    routed experts of transformers-5 MoE models are fused parameters (``mlp.experts.gate_up_proj``
+    of shape (E, 2I, H)), not linear modules: ``target_modules`` names such as ``gate_proj`` do
+    not reach them (they stay frozen and unadapted), and naming the ``experts`` module itself is
+    refused with an error; adapt fused experts with ``peft.LoraConfig(target_parameters=[...])``.
 
     Raises:
         MoPEConfigError: on ``r < 1``, ``num_experts < 1``, ``top_k`` outside ``[0, num_experts]``,
-            an unknown ``routing`` or ``router``, or a bad pattern value.
+            an unknown ``routing`` or ``router`` (or router options it rejects), negative loss
+            coefficients or noise, or a bad pattern key or value.
     """
 
     target_modules: list[str] | str | None = field(
@@ -67,16 +74,10 @@ class MoPEConfig(PeftConfig):
         default=None,
         metadata={"help": "Name of the layer list used with layers_to_transform, e.g. 'layers'."},
     )
-    num_experts: int = field(
-        default=8, metadata={"help": "Number of routed LoRA experts per adapted module."}
-    )
+    num_experts: int = field(default=8, metadata={"help": "Number of routed LoRA experts per adapted module."})
     r: int = field(default=8, metadata={"help": "Rank of each LoRA expert."})
-    lora_alpha: int = field(
-        default=16, metadata={"help": "LoRA scaling numerator: experts are scaled by alpha/r."}
-    )
-    lora_dropout: float = field(
-        default=0.0, metadata={"help": "Dropout on the experts' input (not the router's)."}
-    )
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: experts are scaled by alpha/r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the experts' input (not the router's)."})
     top_k: int = field(
         default=2,
         metadata={"help": "Experts kept per token; 0 means a dense soft mixture over all experts."},
@@ -94,9 +95,7 @@ class MoPEConfig(PeftConfig):
     )
     routing: Literal["linear", "block"] = field(
         default="linear",
-        metadata={
-            "help": "'linear': a router per adapted layer; 'block': one router per gated FFN block (MixLoRA)."
-        },
+        metadata={"help": "'linear': a router per adapted layer; 'block': one router per gated FFN block (MixLoRA)."},
     )
     shared_expert: bool = field(
         default=False, metadata={"help": "Add an always-on LoRA (rank r) beside the routed experts."}
@@ -116,14 +115,13 @@ class MoPEConfig(PeftConfig):
     aux_loss_coef: float = field(
         default=0.01, metadata={"help": "Weight of the Switch load-balancing loss in mope.aux_loss."}
     )
-    z_loss_coef: float = field(
-        default=0.0, metadata={"help": "Weight of the ST-MoE router z-loss in mope.aux_loss."}
-    )
+    z_loss_coef: float = field(default=0.0, metadata={"help": "Weight of the ST-MoE router z-loss in mope.aux_loss."})
     router_noise: float = field(
         default=0.0,
         metadata={
-            "help": "Std of the Gaussian noise added to router logits while training (selects the "
-            "'noisy_topk' router when > 0 and router='topk')."
+            "help": "Router jitter while training: the router's input (not the experts') is multiplied by "
+            "uniform noise in [1 - router_noise, 1 + router_noise] (Switch Transformer); 0 turns it off. "
+            "For learned Gaussian noise on the logits use router='noisy_topk'."
         },
     )
     init_weights: bool = field(
@@ -137,9 +135,7 @@ class MoPEConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = ensure_mope_peft_type()
-        self.target_modules = (
-            set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
-        )
+        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
         self.exclude_modules = (
             set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
         )
@@ -164,12 +160,16 @@ class MoPEConfig(PeftConfig):
             fail(f"lora_dropout={self.lora_dropout!r} must be in [0, 1).")
         if self.router_noise < 0:
             fail(f"router_noise={self.router_noise!r} must be >= 0.")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                fail(f"{name}={getattr(self, name)!r} must be >= 0 (0 turns the loss off).")
         for pattern, count in self.num_experts_pattern.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                fail(f"num_experts_pattern key {pattern!r} is not a valid regular expression ({exc}).")
             if not isinstance(count, int) or count < max(1, self.top_k):
-                fail(
-                    f"num_experts_pattern[{pattern!r}]={count!r} must be an "
-                    f"integer >= max(1, top_k={self.top_k})."
-                )
+                fail(f"num_experts_pattern[{pattern!r}]={count!r} must be an integer >= max(1, top_k={self.top_k}).")
         from mope.routing import check_router_kind
 
         check_router_kind(self)

@@ -219,9 +219,7 @@ def _check_exportable(dense_config, peft_config: MoPEConfig) -> None:
         )
     for field in ("attention_bias", "mlp_bias"):
         if getattr(dense_config, field, False):
-            raise MoPEExportError(
-                f"a {model_type} model with {field}=True cannot be Mixtral (Mixtral has no biases)."
-            )
+            raise MoPEExportError(f"a {model_type} model with {field}=True cannot be Mixtral (Mixtral has no biases).")
     if peft_config.routing != "block":
         raise MoPEExportError(
             "only routing='block' adapters are MoE models: with routing='linear' each projection mixes its "
@@ -311,9 +309,7 @@ def _moe_state_dict(tuner, base, blocks, adapter_name, num_experts, dtype) -> di
             moe[key] = tensor.detach().to(dtype)
     for index, block in enumerate(blocks):
         prefix = f"model.layers.{index}.mlp"
-        weights = {
-            name: dense[f"{prefix}.{name}.weight"].float() for name in ("gate_proj", "up_proj", "down_proj")
-        }
+        weights = {name: dense[f"{prefix}.{name}.weight"].float() for name in ("gate_proj", "up_proj", "down_proj")}
         experts = {name: weight.unsqueeze(0).repeat(num_experts, 1, 1) for name, weight in weights.items()}
         if isinstance(block, GatedFFNBlock) and adapter_name in block.mope_A:
             with torch.no_grad():
@@ -323,9 +319,7 @@ def _moe_state_dict(tuner, base, blocks, adapter_name, num_experts, dtype) -> di
         else:
             router_weight = torch.zeros(num_experts, weights["gate_proj"].shape[1])
         moe[f"{prefix}.gate.weight"] = router_weight.to(dtype)
-        moe[f"{prefix}.experts.gate_up_proj"] = torch.cat(
-            [experts["gate_proj"], experts["up_proj"]], dim=1
-        ).to(dtype)
+        moe[f"{prefix}.experts.gate_up_proj"] = torch.cat([experts["gate_proj"], experts["up_proj"]], dim=1).to(dtype)
         moe[f"{prefix}.experts.down_proj"] = experts["down_proj"].to(dtype)
     return moe
 

@@ -30,7 +30,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from mope.errors import MoPEError, MoPEMergeError
-from mope.routing import build_mope_router, combine_weights, has_constant_routing
+from mope.routing import build_mope_router, combine_weights, constant_routing_weights
 from upcycle.moe.routers import RouterOutput
 
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -47,9 +47,7 @@ def is_gated_ffn(module: nn.Module | None) -> bool:
     )
 
 
-def stacked_lora(
-    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
+def stacked_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Return ``sum_i weights[:, i] * B_i A_i x`` for all experts at once.
 
     Args:
@@ -117,9 +115,7 @@ class MoPELayer(BaseTunerLayer):
         self.aux_loss_coef[adapter_name] = config.aux_loss_coef
         self.z_loss_coef[adapter_name] = config.z_loss_coef
         self.router_noise[adapter_name] = config.router_noise
-        self.mope_dropout[adapter_name] = (
-            nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        )
+        self.mope_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.mope_router[adapter_name] = build_mope_router(config, router_in_features, num_experts)
 
     def _finish_update(self, adapter_name: str, config) -> None:
@@ -146,35 +142,28 @@ class MoPELayer(BaseTunerLayer):
             MoPEMergeError: when the weights depend on the token.
         """
         router = self.mope_router[adapter_name]
-        if not has_constant_routing(router):
+        weights = constant_routing_weights(router)
+        if weights is None:
             raise MoPEMergeError(
-                f"adapter {adapter_name!r} routes each token to "
-                f"{router.top_k} of {router.num_experts} experts "
-                f"with a {type(router).__name__}, so no single weight "
-                "reproduces it and merging would change the "
-                "model. Only layers with one expert (num_experts=1 or "
-                "num_experts_pattern) and the shared expert "
-                "merge exactly. Keep the PeftModel, or export a "
-                "routing='block' adapter to a MoE checkpoint with "
-                "mope.export(model, out)."
+                f"adapter {adapter_name!r} routes each token to {router.top_k} of {router.num_experts} experts "
+                f"with a {type(router).__name__} whose weights depend on the token, so no single weight "
+                "matrix reproduces it and merging would change the model. Mergeable: modules with one expert "
+                "(num_experts=1, or 1 through num_experts_pattern; the shared expert merges with it) and "
+                "top_k=0 routers whose rows are all equal (uniform weights). Keep the PeftModel, or export "
+                "a routing='block' adapter to a MoE checkpoint with mope.export(model, out)."
             )
-        weight = next(router.parameters())
-        probe = torch.zeros(1, router.hidden_size, dtype=weight.dtype, device=weight.device)
-        was_training = router.training
-        router.eval()
-        with torch.no_grad():
-            weights = combine_weights(router(probe), router.num_experts)[0]
-        router.train(was_training)
         return weights
+
+    def check_mergeable(self, adapter_name: str) -> None:
+        """Raise `MoPEMergeError` unless merging ``adapter_name`` into the base weights is exact."""
+        self.constant_routing_weights(adapter_name)
 
 
 class Linear(nn.Module, MoPELayer):
     """A linear layer with a routed mixture of LoRA experts (``routing="linear"``: its own router
     reads this layer's input)."""
 
-    def __init__(
-        self, base_layer: nn.Module, adapter_name: str, config, num_experts: int, **kwargs: Any
-    ) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, num_experts: int, **kwargs: Any) -> None:
         super().__init__()
         MoPELayer.__init__(self, base_layer, **kwargs)
         self.in_features = base_layer.in_features
@@ -261,9 +250,7 @@ class Linear(nn.Module, MoPELayer):
             dropped = self.mope_dropout[adapter_name](tokens)
             delta = stacked_lora(dropped, lora_a, self.mope_B[adapter_name], weights * scaling)
             if adapter_name in self.mope_shared_A:
-                shared = F.linear(
-                    F.linear(dropped, self.mope_shared_A[adapter_name]), self.mope_shared_B[adapter_name]
-                )
+                shared = F.linear(F.linear(dropped, self.mope_shared_A[adapter_name]), self.mope_shared_B[adapter_name])
                 delta = delta + shared * scaling
             result = result + delta.view(*x.shape[:-1], self.out_features).to(result.dtype)
         return result
@@ -340,11 +327,20 @@ class GatedFFNBlock(nn.Module, MoPELayer):
         lora_b = self.mope_B[adapter_name][projection]
         delta = torch.einsum("eor,eri->eoi", lora_b, lora_a.expand(lora_b.shape[0], -1, -1))
         if adapter_name in self.mope_shared_A:
-            shared = (
-                self.mope_shared_B[adapter_name][projection] @ self.mope_shared_A[adapter_name][projection]
-            )
+            shared = self.mope_shared_B[adapter_name][projection] @ self.mope_shared_A[adapter_name][projection]
             delta = delta + shared
         return delta * self.scaling[adapter_name]
+
+    def check_mergeable(self, adapter_name: str) -> None:
+        """Raise `MoPEMergeError` unless the block has one expert: a weighted sum of several FFNs is
+        no single FFN (the activation sits between the projections), even with constant weights."""
+        if self.num_experts[adapter_name] > 1:
+            raise MoPEMergeError(
+                f"adapter {adapter_name!r} mixes {self.num_experts[adapter_name]} FFN experts in this block; a "
+                "sum of FFNs is not one FFN, so it cannot be merged into the dense weights. Export it to a MoE "
+                "checkpoint with mope.export(model, out), or keep the PeftModel."
+            )
+        self.constant_routing_weights(adapter_name)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold a one-expert block adapter into the FFN's weights.
@@ -357,7 +353,7 @@ class GatedFFNBlock(nn.Module, MoPELayer):
         for adapter_name in adapter_names:
             if adapter_name not in self.mope_A:
                 continue
-            self.constant_routing_weights(adapter_name)
+            self.check_mergeable(adapter_name)
             for projection in self.adapted_projections(adapter_name):
                 linear = getattr(base, projection)
                 merged = linear.weight.data + self.expert_delta_weights(adapter_name, projection)[0].to(
@@ -451,9 +447,7 @@ class GatedFFNBlock(nn.Module, MoPELayer):
             stacked_b = lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], num_experts * rank)
             delta = F.linear(hidden.reshape(num_tokens, num_experts * rank), stacked_b)
             if "down_proj" in shared_a:
-                delta = delta + F.linear(
-                    F.linear(mix(dropped_mid), shared_a["down_proj"]), shared_b["down_proj"]
-                )
+                delta = delta + F.linear(F.linear(mix(dropped_mid), shared_a["down_proj"]), shared_b["down_proj"])
             output = output + (delta * scaling).to(output.dtype)
         return output.view(*x.shape[:-1], output.shape[-1]).to(x.dtype)
 

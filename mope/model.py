@@ -54,11 +54,7 @@ class MoPEModel(BaseTuner):
         if peft_config.routing != "block":
             return check_target_module_exists(peft_config, key)
         parent_key, _, name = key.rpartition(".")
-        if (
-            name in FFN_PROJECTIONS
-            and parent_key
-            and is_gated_ffn(_submodule_or_none(self.model, parent_key))
-        ):
+        if name in FFN_PROJECTIONS and parent_key and is_gated_ffn(_submodule_or_none(self.model, parent_key)):
             return False  # adapted through its block, see below
         module = _submodule_or_none(self.model, key)
         if module is None:
@@ -110,12 +106,16 @@ class MoPEModel(BaseTuner):
         elif isinstance(target, nn.Linear):
             new_module = Linear(target, adapter_name, peft_config, num_experts)
         else:
+            fused = any(parameter.dim() == 3 for parameter in target.parameters(recurse=False))
+            hint = (
+                " It holds fused expert tensors (parameters, not linear layers): adapt them with "
+                "peft.LoraConfig(target_parameters=[...])."
+                if fused
+                else ""
+            )
             raise MoPEConfigError(
-                f"target module {current_key} is a "
-                f"{type(target).__name__}; MoPE adapts nn.Linear layers (and, "
-                "with routing='block', gated FFN blocks). Fused expert tensors of MoE models are parameters, "
-                "not linear layers: adapt them with peft.LoraConfig(target_parameters=[...]) or narrow "
-                "target_modules to linear layers."
+                f"target module {current_key} is a {type(target).__name__}; MoPE adapts nn.Linear layers (and, "
+                f"with routing='block', gated FFN blocks).{hint} Narrow target_modules to linear layers."
             )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
@@ -154,7 +154,7 @@ class MoPEModel(BaseTuner):
             for adapter_name in names:
                 if adapter_name in module.mope_router:
                     try:
-                        module.constant_routing_weights(adapter_name)
+                        module.check_mergeable(adapter_name)
                     except MoPEMergeError as exc:
                         raise MoPEMergeError(f"cannot merge {key}: {exc}") from None
 

@@ -20,9 +20,11 @@ from upcycle.errors import UpcycleError
 from upcycle.moe.routers import (
     ROUTERS,
     DenseRouter,
+    HashRouter,
     NoisyTopKRouter,
     Router,
     RouterOutput,
+    SwitchRouter,
     TopKRouter,
     build_router,
 )
@@ -54,9 +56,7 @@ def build_mope_router(config: MoPEConfig, in_features: int, num_experts: int) ->
             "token-choice router."
         )
     if kind == "dense" and config.top_k != 0:
-        raise MoPEConfigError(
-            f"MoPEConfig: router='dense' uses every expert; set top_k=0 (got top_k={config.top_k})."
-        )
+        raise MoPEConfigError(f"MoPEConfig: router='dense' uses every expert; set top_k=0 (got top_k={config.top_k}).")
     top_k = num_experts if config.top_k == 0 else config.top_k
     try:
         return build_router(kind, in_features, num_experts, top_k, **config.router_options)
@@ -103,7 +103,32 @@ def is_softmax_renormalised(router: nn.Module) -> bool:
     return type(router) in (NoisyTopKRouter, DenseRouter)
 
 
-def has_constant_routing(router: nn.Module) -> bool:
-    """True when the router gives every token weight 1 for its single expert, so the mixture is a
-    fixed linear map: one expert and softmax-normalised weights (softmax of one logit is 1)."""
-    return router.num_experts == 1 and is_softmax_renormalised(router)
+def _weights_sum_to_one(router: nn.Module) -> bool:
+    """True when the router's weights of a token's chosen experts always sum to 1."""
+    if isinstance(router, SwitchRouter):
+        return router.num_experts == 1  # the softmax of a single logit
+    if isinstance(router, TopKRouter):
+        return router.normalize or (router.softmax_order == "after" and router.score_fn == "softmax")
+    return isinstance(router, (NoisyTopKRouter, DenseRouter, HashRouter))
+
+
+def constant_routing_weights(router: nn.Module) -> torch.Tensor | None:
+    """Return the (E,) weights every token gets when the router's output cannot depend on the
+    token, else None.
+
+    Two cases are recognised from the router's structure (never from samples):
+
+    - one expert and weights that sum to 1: every token gets weight 1 for it;
+    - a dense router (``top_k=0``) whose weight rows are all equal: every token's logits are
+      equal, so its softmax is uniform, 1/E per expert.
+
+    Every other router can give two tokens different weights, so a mixture it drives is not a
+    fixed linear map.
+    """
+    weight = getattr(router, "weight", None)
+    if router.num_experts == 1 and _weights_sum_to_one(router):
+        dtype = weight.dtype if weight is not None else torch.float32
+        return torch.ones(1, dtype=dtype, device=None if weight is None else weight.device)
+    if type(router) is DenseRouter and torch.equal(weight, weight[:1].expand_as(weight)):
+        return torch.full((router.num_experts,), 1.0 / router.num_experts, dtype=weight.dtype, device=weight.device)
+    return None

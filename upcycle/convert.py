@@ -337,12 +337,14 @@ def convert(
     revision: str | None = None,
     max_shard_size: str | int = "5GB",
     command: str | None = None,
+    card_model_id: str | None = None,
 ) -> ConvertSummary:
     """Upcycle the dense checkpoint `source` (local dir or Hub id) into a stock MoE checkpoint at `output`.
 
     Every expert is a copy of the dense FFN and the router is N(0, router_std^2) (default: the
     source's initializer_range), so the output reproduces the source's logits exactly until it is
     trained. The output is written to a temporary directory next to `output` and renamed at the end.
+    The model card's usage snippet loads `card_model_id` (the Hub repo it will be pushed to), else `output`.
 
     Returns:
         A `ConvertSummary` with the output path, family, parameter counts and settings.
@@ -418,5 +420,5 @@ def convert(
         writer.close()
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         _copy_side_files(checkpoint, directory)
-        write_model_card(directory, summary, command=command)
+        write_model_card(directory, summary, command=command, model_id=card_model_id)
     return summary
