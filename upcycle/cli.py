@@ -13,7 +13,7 @@ import sys
 from upcycle.errors import UpcycleError
 
 EXIT_USER_ERROR = 2
-COMMANDS = ("convert",)
+COMMANDS = ("convert", "push", "inspect")
 
 
 def build_parser() -> argparse.ArgumentParser:

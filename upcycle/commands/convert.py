@@ -7,6 +7,7 @@ import shlex
 import sys
 
 from upcycle.families import TARGETS
+from upcycle.hub import add_push_arguments, check_push_token, push_if_requested
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    add_push_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -44,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     """Convert as `args` say, print a one-line summary unless quiet, and return exit code 0."""
     from upcycle.convert import convert
 
+    check_push_token(args)
     summary = convert(
         args.source,
         args.output,
@@ -59,10 +62,12 @@ def run(args: argparse.Namespace) -> int:
         revision=args.revision,
         max_shard_size=args.max_shard_size,
         command="upcycle " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["convert"] else None,
+        card_model_id=args.push_to_hub,
     )
     if not args.quiet:
         print(
             f"wrote {summary.output}: {summary.family}, {summary.num_experts} experts, top-{summary.top_k}, "
             f"{summary.total_parameters:,} parameters ({summary.active_parameters:,} active per token)"
         )
+    push_if_requested(args, summary.output, quiet=args.quiet)
     return 0

@@ -8,6 +8,7 @@ model for the training loss.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from upcycle.moe.dispatch import apply_capacity, expert_capacity, plan_dispatch
 from upcycle.moe.experts import Experts
 from upcycle.moe.ffn import read_dense_ffn
 from upcycle.moe.losses import load_balancing_loss, router_z_loss, tokens_per_expert
-from upcycle.moe.routers import Router, RouterOutput, build_router, flatten_token_mask
+from upcycle.moe.routers import ROUTERS, Router, RouterOutput, build_router, flatten_token_mask
 
 __all__ = ["MoE", "MoEStats", "SharedExperts", "collect_aux_loss", "moe_modules"]
 
@@ -125,7 +126,8 @@ class MoE(nn.Module):
         super().__init__()
         if isinstance(router, str):
             options = dict(router_options or {})
-            if bias_update_rate > 0:
+            takes_bias = "selection_bias" in inspect.signature(ROUTERS.get(router, Router).__init__).parameters
+            if bias_update_rate > 0 and takes_bias:
                 options.setdefault("selection_bias", True)
             router = build_router(router, hidden_size, num_experts, top_k, **options)
         if router.num_experts != num_experts:
@@ -312,15 +314,11 @@ class MoE(nn.Module):
         num_tokens: int,
     ) -> None:
         token_mask = flatten_token_mask(attention_mask, num_tokens)
-        balance = load_balancing_loss(
-            routing.router_probs, routing.expert_indices, self.num_experts, token_mask
-        )
+        balance = load_balancing_loss(routing.router_probs, routing.expert_indices, self.num_experts, token_mask)
         z_loss = router_z_loss(routing.router_logits, token_mask)
         with torch.no_grad():
             load = tokens_per_expert(routing.expert_indices, self.num_experts, kept, token_mask)
-            candidates = tokens_per_expert(
-                routing.expert_indices, self.num_experts, routing.dispatch_mask, token_mask
-            )
+            candidates = tokens_per_expert(routing.expert_indices, self.num_experts, routing.dispatch_mask, token_mask)
             num_pairs = int(candidates.sum())
         self.last_router_output = routing
         self.last_stats = MoEStats(

@@ -61,14 +61,10 @@ class Experts(nn.Module):
         in_rows = 2 * intermediate_size if gated else intermediate_size
         in_name = "gate_up_proj" if gated else "up_proj"
         self.in_name = in_name
-        self.register_parameter(
-            in_name, nn.Parameter(torch.empty(num_experts, in_rows, hidden_size, dtype=dtype))
-        )
+        self.register_parameter(in_name, nn.Parameter(torch.empty(num_experts, in_rows, hidden_size, dtype=dtype)))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype))
         if bias:
-            self.register_parameter(
-                f"{in_name}_bias", nn.Parameter(torch.zeros(num_experts, in_rows, dtype=dtype))
-            )
+            self.register_parameter(f"{in_name}_bias", nn.Parameter(torch.zeros(num_experts, in_rows, dtype=dtype)))
             self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden_size, dtype=dtype))
         else:
             self.register_parameter(f"{in_name}_bias", None)

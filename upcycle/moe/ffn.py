@@ -79,9 +79,7 @@ def _activation(ffn: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     )
 
 
-def read_dense_ffn(
-    ffn: nn.Module, activation: Callable[[torch.Tensor], torch.Tensor] | None = None
-) -> DenseFFN:
+def read_dense_ffn(ffn: nn.Module, activation: Callable[[torch.Tensor], torch.Tensor] | None = None) -> DenseFFN:
     """Read a dense FFN module's projections and activation.
 
     Args:

@@ -38,9 +38,7 @@ def tokens_per_expert(
     if token_mask is not None:
         valid = valid & _flat_mask(token_mask, expert_indices.shape[0], expert_indices.device)[:, None]
     counts = torch.zeros(num_experts, dtype=torch.float32, device=expert_indices.device)
-    return counts.index_add_(
-        0, expert_indices[valid], torch.ones_like(expert_indices[valid], dtype=torch.float32)
-    )
+    return counts.index_add_(0, expert_indices[valid], torch.ones_like(expert_indices[valid], dtype=torch.float32))
 
 
 def load_balancing_loss(

@@ -203,9 +203,7 @@ class Router(nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> RouterOutput:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> RouterOutput:
         raise NotImplementedError
 
 
@@ -255,9 +253,7 @@ class TopKRouter(_LinearScores):
         else:
             self.selection_bias = None
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> RouterOutput:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> RouterOutput:
         """Return the top-k choice; padding tokens (mask 0) get a False ``dispatch_mask``."""
         hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
         logits = self.logits(hidden_states)
@@ -315,9 +311,7 @@ class NoisyTopKRouter(_LinearScores):
         # Zero init, as in the paper: the noise starts at softplus(0) and is learned from there.
         self.noise_weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> RouterOutput:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> RouterOutput:
         """Return the noisy top-k choice; weights sum to 1 per token."""
         hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
         clean = self.logits(hidden_states).float()
@@ -338,9 +332,7 @@ class DenseRouter(_LinearScores):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int | None = None, init_std: float = 0.02):
         super().__init__(hidden_size, num_experts, num_experts, init_std)
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> RouterOutput:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> RouterOutput:
         """Return all experts for every token with their softmax weights."""
         hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
         logits = self.logits(hidden_states)
@@ -378,9 +370,7 @@ class ExpertChoiceRouter(_LinearScores):
         wanted = math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
         return max(1, min(num_tokens, wanted))
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> RouterOutput:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> RouterOutput:
         """Return the expert-choice assignment as a (T, E) weight matrix with a dispatch mask."""
         hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
         num_tokens = hidden_states.shape[0]
@@ -426,9 +416,7 @@ class SoftMoERouter(Router):
         nn.init.normal_(self.slot_embeddings, std=init_std)
         self.scale = nn.Parameter(torch.ones(()))
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> SoftRouterOutput:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SoftRouterOutput:
         """Return dispatch/combine weights (B, S, E * slots) and the token-level summary."""
         sequences, mask = _as_sequences(hidden_states, attention_mask)
         tokens = F.normalize(sequences.float(), dim=-1)
@@ -481,9 +469,7 @@ class SentenceRouter(_LinearScores):
         pooled = (sequences * weights).sum(1) / weights.sum(1).clamp(min=1)
         return self.logits(pooled), mask
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> RouterOutput:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> RouterOutput:
         """Return the sequence's choice broadcast to its tokens; padding is not dispatched."""
         logits, mask = self.sequence_logits(hidden_states, attention_mask)
         indices, weights, probs = select_top_k(logits, self.top_k, normalize=self.normalize)
@@ -510,9 +496,7 @@ class SMEARRouter(SentenceRouter):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int | None = None, init_std: float = 0.02):
         super().__init__(hidden_size, num_experts, num_experts, True, init_std)
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> SequenceRouterOutput:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SequenceRouterOutput:
         """Return the per-sequence merge coefficients and their token-level broadcast."""
         logits, mask = self.sequence_logits(hidden_states, attention_mask)
         probs = torch.softmax(logits.float(), dim=-1)
@@ -535,8 +519,8 @@ def balanced_assignment(scores: torch.Tensor, capacity: torch.Tensor | int) -> t
     Greedy rounds, each vectorised: every unassigned token proposes to its best expert that still
     has room; each expert accepts its highest-scoring proposers up to its remaining room and
     closes when full. An expert fills (or all tokens are placed) each round, so there are at most
-    E rounds. With ``capacity = ceil(T / E)`` every expert gets ceil or floor of T / E tokens. It
-    is the greedy approximation of BASE's linear assignment, not an exact auction solver.
+    E rounds. It is the greedy approximation of BASE's linear assignment, not an exact auction
+    solver. Pass `balanced_capacity` for an assignment balanced to within one token.
 
     Args:
         scores: (T, E) affinities, higher is better.
@@ -570,10 +554,21 @@ def balanced_assignment(scores: torch.Tensor, capacity: torch.Tensor | int) -> t
     return assigned
 
 
+def balanced_capacity(num_tokens: int, num_experts: int, device: torch.device | None = None) -> torch.Tensor:
+    """Return (E,) per-expert capacities summing to ``num_tokens``: floor(T / E) for every expert,
+    plus one for the first ``T mod E`` experts, so a full assignment is balanced to within one token.
+
+    A uniform ``ceil(T / E)`` would let the greedy assignment fill the first experts and leave the
+    last one short (T=10, E=4: 3, 3, 3, 1).
+    """
+    base, remainder = divmod(num_tokens, num_experts)
+    return base + (torch.arange(num_experts, device=device) < remainder).long()
+
+
 class BASERouter(_LinearScores):
     """BASE layers (Lewis 2021): while training, a balanced assignment of tokens to experts
     (each expert gets floor or ceil of T/E of the real tokens, one expert per token), computed by
-    `balanced_assignment` on the router scores; in eval mode each token takes its best expert
+    `balanced_assignment` with `balanced_capacity` on the router scores; in eval mode each token takes its best expert
     (set ``balanced_in_eval=True`` to keep balancing). The weight is ``sigmoid(score)`` of the
     assigned expert, as in the paper, so it does not sum to 1.
     """
@@ -591,9 +586,7 @@ class BASERouter(_LinearScores):
         super().__init__(hidden_size, num_experts, 1, init_std)
         self.balanced_in_eval = balanced_in_eval
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> RouterOutput:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> RouterOutput:
         """Return one expert per token; balanced over the real tokens while training."""
         hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
         logits = self.logits(hidden_states)
@@ -605,8 +598,9 @@ class BASERouter(_LinearScores):
                 if token_mask is None
                 else token_mask.nonzero().squeeze(1)
             )
-            capacity = math.ceil(real.numel() / self.num_experts)
-            experts[real] = balanced_assignment(logits[real], capacity)
+            experts[real] = balanced_assignment(
+                logits[real], balanced_capacity(real.numel(), self.num_experts, logits.device)
+            )
         else:
             experts = logits.argmax(-1)
         indices = experts[:, None]
@@ -615,9 +609,7 @@ class BASERouter(_LinearScores):
         return RouterOutput(indices, weights, logits, probs, _pair_mask(attention_mask, indices))
 
 
-def sinkhorn(
-    logits: torch.Tensor, num_iters: int = 8, token_mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def sinkhorn(logits: torch.Tensor, num_iters: int = 8, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Balance ``exp(logits)`` so every token has mass 1/T and every expert 1/E (Sinkhorn-Knopp).
 
     Args:
@@ -635,9 +627,7 @@ def sinkhorn(
         num_tokens = log_plan.shape[0] if token_mask is None else int(token_mask.sum().clamp(min=1))
         for _ in range(num_iters):
             log_plan = log_plan - log_plan.logsumexp(0, keepdim=True) - math.log(log_plan.shape[1])
-            log_plan = (
-                log_plan - log_plan.logsumexp(1, keepdim=True).nan_to_num(neginf=0.0) - math.log(num_tokens)
-            )
+            log_plan = log_plan - log_plan.logsumexp(1, keepdim=True).nan_to_num(neginf=0.0) - math.log(num_tokens)
         return log_plan.exp()
 
 
@@ -661,9 +651,7 @@ class SBASERouter(_LinearScores):
         self.num_iters = num_iters
         self.normalize = normalize
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> RouterOutput:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> RouterOutput:
         """Return the Sinkhorn-balanced top-k choice."""
         hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
         logits = self.logits(hidden_states)
@@ -680,9 +668,7 @@ class SBASERouter(_LinearScores):
 def smooth_step(x: torch.Tensor, gamma: float) -> torch.Tensor:
     """DSelect-k's cubic smooth step: 0 below -gamma/2, 1 above gamma/2, C^1 in between."""
     cubic = -2.0 / gamma**3 * x**3 + 3.0 / (2.0 * gamma) * x + 0.5
-    return torch.where(
-        x <= -gamma / 2, torch.zeros_like(x), torch.where(x >= gamma / 2, torch.ones_like(x), cubic)
-    )
+    return torch.where(x <= -gamma / 2, torch.zeros_like(x), torch.where(x >= gamma / 2, torch.ones_like(x), cubic))
 
 
 class DSelectKRouter(Router):
@@ -728,9 +714,7 @@ class DSelectKRouter(Router):
         selector_weights = torch.softmax(self.selector(hidden_states).float(), dim=-1)
         return (selector_weights[..., None] * per_selector).sum(1)
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> RouterOutput:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> RouterOutput:
         """Return the k largest entries of the DSelect-k mixture."""
         hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
         mixture = self.mixture(hidden_states)
@@ -763,9 +747,7 @@ class CosineRouter(TopKRouter):
         selection_bias: bool = False,
         init_std: float = 0.02,
     ) -> None:
-        super().__init__(
-            hidden_size, num_experts, top_k, "before", normalize, "softmax", selection_bias, init_std
-        )
+        super().__init__(hidden_size, num_experts, top_k, "before", normalize, "softmax", selection_bias, init_std)
         del self.weight
         self.projection = nn.Parameter(torch.empty(routing_dim, hidden_size))
         self.expert_embeddings = nn.Parameter(torch.empty(num_experts, routing_dim))
@@ -796,9 +778,7 @@ class HashRouter(Router):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int = 1, num_bits: int = 16, seed: int = 0):
         super().__init__(hidden_size, num_experts, top_k)
         generator = torch.Generator().manual_seed(seed)
-        self.register_buffer(
-            "projection", torch.randn(num_bits, hidden_size, generator=generator), persistent=False
-        )
+        self.register_buffer("projection", torch.randn(num_bits, hidden_size, generator=generator), persistent=False)
         self.register_buffer("powers", 2 ** torch.arange(num_bits), persistent=False)
 
     def forward(
