@@ -1,0 +1,71 @@
+"""The end of a run: the trained model (or adapter) saved for stock transformers / PEFT, an optional
+MoPE -> MoE export, and an optional push to the Hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from upcycle.checkpoint import atomic_output_dir
+
+
+def save_final(accelerator, model, tokenizer, directory: Path, run_config: dict) -> Path:
+    """Save the trained model to `directory` with ``save_pretrained`` and return it.
+
+    The full state dict comes from ``accelerator.get_state_dict`` (it gathers FSDP/ZeRO-3 shards,
+    so every process must call this) and is written by the main process through the unwrapped
+    model's ``save_pretrained``: a transformers checkpoint for full/router/expert training, a PEFT
+    adapter (``adapter_config.json`` + ``adapter_model.safetensors``) for LoRA and MoPE. The
+    tokenizer and the run's config (``recipe.yaml``) go next to it. ``output_router_logits`` is
+    switched off in the saved config: it is a training-time setting. Written to a temporary folder
+    and renamed when complete.
+    """
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        hf_config = getattr(unwrapped, "config", None)
+        router_logits = getattr(hf_config, "output_router_logits", None)
+        with atomic_output_dir(Path(directory), force=True) as temporary:
+            if router_logits:
+                hf_config.output_router_logits = False
+            try:
+                unwrapped.save_pretrained(temporary, state_dict=state_dict)
+            finally:
+                if router_logits:
+                    hf_config.output_router_logits = True
+            tokenizer.save_pretrained(temporary)
+            (temporary / "recipe.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+    accelerator.wait_for_everyone()
+    return Path(directory)
+
+
+def export_mope_to_moe(accelerator, model, tokenizer, directory: Path) -> Path | None:
+    """Write the block-routed MoPE model as a stock Mixtral checkpoint with `mope.export` (main
+    process); return the directory there, None elsewhere.
+
+    Raises:
+        mope.MoPEExportError: the adapter has no exact Mixtral equivalent.
+    """
+    path = None
+    if accelerator.is_main_process:
+        import mope
+
+        path = mope.export(accelerator.unwrap_model(model), directory, overwrite=True, tokenizer=tokenizer)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def push_final(accelerator, directory: Path, repo_id: str, private: bool) -> str | None:
+    """Upload `directory` to the Hub model repo `repo_id` from the main process; return the commit URL.
+
+    Raises:
+        UpcycleError: no token, or any Hub error (one line, no token in it).
+    """
+    url = None
+    if accelerator.is_main_process:
+        from upcycle.hub import push_folder
+
+        url = push_folder(directory, repo_id, private=private).commit_url
+    accelerator.wait_for_everyone()
+    return url
