@@ -1,13 +1,14 @@
 """Calibration data: load text with `datasets`, tokenize it, and stream batches through a model.
 
-Routines that collect statistics (FFN inputs for router initialisation, routing counts for
-merging) build on `calibration_batches`, which yields one tokenized batch at a time so memory
+Routines that collect statistics (FFN inputs for router initialisation: `collect_ffn_inputs`;
+routing counts for merging) build on `calibration_batches`, which yields one tokenized batch at a time so memory
 stays bounded by a batch, whatever the data size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -77,3 +78,216 @@ def calibration_batches(
             truncation=True,
             max_length=max_length,
         )
+
+
+class _TokenReservoir:
+    """A uniform random sample of at most `capacity` rows from a stream (reservoir sampling,
+    Algorithm R, vectorised per batch), stored in bfloat16 to halve its memory."""
+
+    def __init__(self, capacity: int, generator: torch.Generator):
+        self.capacity = capacity
+        self.generator = generator
+        self.rows: torch.Tensor | None = None
+        self.filled = 0
+        self.seen = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().to("cpu", torch.bfloat16)
+        if self.rows is None:
+            self.rows = torch.empty(self.capacity, rows.shape[1], dtype=torch.bfloat16)
+        take = min(self.capacity - self.filled, len(rows))
+        self.rows[self.filled : self.filled + take] = rows[:take]
+        self.filled += take
+        rest = rows[take:]
+        positions = self.seen + take + torch.arange(len(rest))
+        self.seen += len(rows)
+        if len(rest):
+            slots = (torch.rand(len(rest), generator=self.generator) * (positions + 1)).long()
+            keep = slots < self.capacity
+            self.rows[slots[keep]] = rest[keep]
+
+    def sample(self) -> torch.Tensor:
+        return self.rows[: self.filled] if self.rows is not None else torch.empty(0)
+
+
+def collect_ffn_inputs(
+    model: torch.nn.Module,
+    batches: Iterator[dict[str, torch.Tensor]],
+    modules: dict[int, str],
+    *,
+    max_tokens: int = 4096,
+    seed: int = 0,
+    total: int | None = None,
+    quiet: bool = False,
+) -> dict[int, torch.Tensor]:
+    """Run `batches` through `model` and return, per layer, a uniform sample of at most `max_tokens`
+    inputs (tokens, hidden) of the module named `modules[layer]` (e.g. the FFN's gate_proj).
+
+    Inputs are captured with forward pre-hooks; padding tokens are skipped. Memory is bounded by
+    one batch plus `len(modules) * max_tokens * hidden` bfloat16 values, whatever the data size.
+
+    Raises:
+        UpcycleError: a module name is not in the model.
+    """
+    from tqdm.auto import tqdm
+
+    from upcycle.rng import derived_generator
+
+    named = dict(model.named_modules())
+    missing = [name for name in modules.values() if name not in named]
+    if missing:
+        raise UpcycleError(f"the model has no module {missing[0]!r} to collect FFN inputs from")
+    reservoirs = {
+        layer: _TokenReservoir(max_tokens, derived_generator(seed, "calibration", layer)) for layer in modules
+    }
+    mask: list[torch.Tensor] = []
+
+    def hook_for(layer: int):
+        def hook(_module, args):
+            hidden = args[0]
+            reservoirs[layer].add(hidden.reshape(-1, hidden.shape[-1])[mask[0]])
+
+        return hook
+
+    handles = [named[name].register_forward_pre_hook(hook_for(layer)) for layer, name in modules.items()]
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="calibration", unit="batch", total=total, disable=quiet):
+                mask[:] = [batch["attention_mask"].reshape(-1).bool()]
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: reservoir.sample() for layer, reservoir in reservoirs.items()}
+
+
+@dataclass(frozen=True)
+class MoELayerProbe:
+    """What routing-statistics collection needs to know about one MoE layer of a loaded model.
+
+    `block` is the module name of the sparse MoE block (its input is the routed hidden state);
+    `router_weight` (E, H) and `shared_gate_weight` (1, H) are read from the checkpoint, so the
+    routing is recomputed the same way for every family (softmax, top-k, optional renormalisation).
+    """
+
+    block: str
+    router_weight: torch.Tensor
+    shared_gate_weight: torch.Tensor | None = None
+
+
+@dataclass
+class RoutingStatistics:
+    """Routing statistics of one MoE layer over the non-padding calibration tokens (sums, float64)."""
+
+    tokens: int
+    selection_counts: torch.Tensor  # (E,): tokens that had the expert in their top-k
+    probability_sum: torch.Tensor  # (E,): softmax routing probability over all experts
+    weight_sum: torch.Tensor  # (E,): mixture weight the token gave the expert (0 when not in its top-k)
+    shared_gate_sum: float | None = None  # sigmoid(shared_expert_gate(x)), for shared-expert MoEs
+    expert_output_sum: torch.Tensor | None = None  # (E, H): every expert applied to every token
+
+    def mean(self, total: torch.Tensor) -> torch.Tensor:
+        """Return `total` divided by the token count (zeros when no token was seen)."""
+        return total / max(self.tokens, 1)
+
+    def to_dict(self) -> dict:
+        """Return the statistics as JSON-ready data (means, not sums; no expert outputs)."""
+        return {
+            "tokens": self.tokens,
+            "selection_counts": [int(c) for c in self.selection_counts.tolist()],
+            "mean_probability": self.mean(self.probability_sum).tolist(),
+            "mean_weight": self.mean(self.weight_sum).tolist(),
+            "shared_gate_mean": None if self.shared_gate_sum is None else self.shared_gate_sum / max(self.tokens, 1),
+        }
+
+
+def _fused_expert_outputs(experts: torch.nn.Module, hidden: torch.Tensor, act) -> torch.Tensor:
+    """Return (E, N, H): every expert of a transformers-5 fused experts module applied to `hidden` (N, H)."""
+    if not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
+        raise UpcycleError(
+            f"{type(experts).__name__} has no fused gate_up_proj/down_proj; cannot compute expert outputs"
+        )
+    gate, up = torch.einsum("nh,eih->eni", hidden, experts.gate_up_proj).chunk(2, dim=-1)
+    return torch.einsum("eni,ehi->enh", act(gate) * up, experts.down_proj)
+
+
+@torch.no_grad()
+def collect_routing_statistics(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    layers: dict[int, MoELayerProbe],
+    top_k: int,
+    normalize_top_k: bool = True,
+    expert_outputs: bool = False,
+    total: int | None = None,
+    quiet: bool = False,
+) -> dict[int, RoutingStatistics]:
+    """Run `batches` through `model` once and return routing statistics per MoE layer.
+
+    Forward pre-hooks on each MoE block read the routed hidden states; routing is recomputed from
+    the probe's router weight (softmax over experts, top-k, renormalised when `normalize_top_k`),
+    as Mixtral, Qwen-MoE, GraniteMoE and FlexOlmo route. Only running sums are kept, so memory is
+    one batch of activations whatever the data size. With `expert_outputs`, every expert is also
+    applied to every token (HC-SMoE's output features; E times the FFN compute).
+
+    Raises:
+        UpcycleError: a probe names a module the model does not have.
+    """
+    from tqdm.auto import tqdm
+    from transformers.activations import ACT2FN
+
+    act = ACT2FN[getattr(model.config, "hidden_act", "silu")]
+    stats: dict[int, RoutingStatistics] = {}
+    state: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook_for(layer: int, probe: MoELayerProbe):
+        num_experts = probe.router_weight.shape[0]
+        stats[layer] = RoutingStatistics(
+            tokens=0,
+            selection_counts=torch.zeros(num_experts, dtype=torch.float64),
+            probability_sum=torch.zeros(num_experts, dtype=torch.float64),
+            weight_sum=torch.zeros(num_experts, dtype=torch.float64),
+            shared_gate_sum=0.0 if probe.shared_gate_weight is not None else None,
+            expert_output_sum=(
+                torch.zeros(num_experts, probe.router_weight.shape[1], dtype=torch.float64) if expert_outputs else None
+            ),
+        )
+
+        def hook(module, args):
+            hidden = args[0].reshape(-1, args[0].shape[-1])[state["mask"].to(args[0].device)]
+            record = stats[layer]
+            logits = torch.nn.functional.linear(hidden, probe.router_weight.to(hidden.device, hidden.dtype))
+            probabilities = torch.softmax(logits.float(), dim=-1)
+            top_weights, top_index = torch.topk(probabilities, top_k, dim=-1)
+            if normalize_top_k:
+                top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+            weights = torch.zeros_like(probabilities).scatter_(1, top_index, top_weights)
+            record.tokens += hidden.shape[0]
+            record.selection_counts += torch.bincount(top_index.reshape(-1).cpu(), minlength=num_experts).double()
+            record.probability_sum += probabilities.sum(0).double().cpu()
+            record.weight_sum += weights.sum(0).double().cpu()
+            if probe.shared_gate_weight is not None:
+                gate = torch.nn.functional.linear(hidden, probe.shared_gate_weight.to(hidden.device, hidden.dtype))
+                record.shared_gate_sum += torch.sigmoid(gate.float()).sum().item()
+            if expert_outputs:
+                outputs = _fused_expert_outputs(module.experts, hidden, act)
+                record.expert_output_sum += outputs.double().sum(1).cpu()
+
+        return hook
+
+    for layer, probe in layers.items():
+        try:
+            block = model.get_submodule(probe.block)
+        except AttributeError:
+            raise UpcycleError(f"the loaded model has no MoE block {probe.block!r}") from None
+        handles.append(block.register_forward_pre_hook(hook_for(layer, probe)))
+    device = next(model.parameters()).device
+    try:
+        for batch in tqdm(batches, total=total, desc="calibration", unit="batch", disable=quiet):
+            state["mask"] = batch["attention_mask"].reshape(-1).bool()
+            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats

@@ -39,12 +39,17 @@ class ExpertLayout:
 
 @dataclass(frozen=True)
 class SharedExpertNames:
-    """Tensor-name templates of an always-on shared expert and its sigmoid gate, with `{layer}`."""
+    """Tensor-name templates of an always-on shared expert and its sigmoid gate, with `{layer}`.
+
+    `down_scale` multiplies the shared expert's down_proj: the gate is written as zeros, so the
+    target scales the shared output by sigmoid(0) = 0.5, and doubling down_proj cancels it.
+    """
 
     gate: str
     up: str
     down: str
     expert_gate: str
+    down_scale: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,9 @@ class FamilyPair:
     dense_mlp: DenseMLPNames = DenseMLPNames()
     shared_expert: SharedExpertNames | None = None
     shared_expert_size_field: str = ""
+    # Config field listing layers that keep a dense MLP (e.g. Qwen's `mlp_only_layers`); empty:
+    # the target makes every layer MoE, so `--moe-layers` must select all of them.
+    dense_layers_field: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)
     dropped_fields: frozenset[str] = frozenset()
     extra_copied_fields: frozenset[str] = frozenset()

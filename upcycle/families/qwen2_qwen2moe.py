@@ -40,6 +40,7 @@ FAMILY = FamilyPair(
     ),
     shared_expert_size_field="shared_expert_intermediate_size",
     # Qwen2 always has q/k/v bias; Qwen2-MoE makes it a field.
+    dense_layers_field="mlp_only_layers",
     overrides={"norm_topk_prob": True, "qkv_bias": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
     requirements=(Requirement("attention_bias", False, "Qwen2-MoE has bias on q/k/v only"),),
 )

@@ -13,6 +13,7 @@ FAMILY = FamilyPair(
     expert_size_field="moe_intermediate_size",
     layouts=QWEN_LAYOUTS,
     default_layout="per-expert",
+    dense_layers_field="mlp_only_layers",
     overrides={"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
     extra_copied_fields=frozenset({"head_dim"}),
     # Qwen3-MoE has no per-layer attention types: a sliding-window Qwen3 would change behaviour.
