@@ -4,5 +4,6 @@ __version__ = "0.1.0"
 
 from upcycle.convert import ConvertSummary, convert  # noqa: E402
 from upcycle.errors import UpcycleError  # noqa: E402
+from upcycle.merge import MergeSummary, merge  # noqa: E402
 
-__all__ = ["ConvertSummary", "UpcycleError", "__version__", "convert"]
+__all__ = ["ConvertSummary", "MergeSummary", "UpcycleError", "__version__", "convert", "merge"]
