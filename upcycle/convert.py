@@ -28,6 +28,7 @@ from upcycle.errors import UpcycleError
 from upcycle.experts import DenseFFN, ExpertBuilder, PartitionExperts, make_expert_builder
 from upcycle.families import find_family
 from upcycle.families.base import NEVER_COPIED, FamilyPair
+from upcycle.generic.convert import convert_generic, generic_requested
 from upcycle.routers import (
     ROUTER_INITS,
     centroid_router,
@@ -524,8 +525,15 @@ def convert(
     calibration_max_length: int = 256,
     calibration_tokens: int = 4096,
     moe_layers: str | list[int] = "all",
+    router: str = "topk",
+    router_options: dict | None = None,
+    ffn_pattern: str | None = None,
 ) -> ConvertSummary:
     """Upcycle the dense checkpoint `source` (local dir or Hub id) into a stock MoE checkpoint at `output`.
+
+    `target="generic"` (or "auto" for a source with no exact stock pair, or with `router` other
+    than "topk", `router_options` or `ffn_pattern`) writes the generic format instead: see
+    `upcycle.generic.convert_generic`.
 
     `method` builds the experts from each dense FFN (see `upcycle.experts`): "copy" (default; with
     `noise`), "drop" (`drop_ratio`), "granular" (`granularity`, `granular_scaling`; `experts` and
@@ -563,6 +571,30 @@ def convert(
     check_output_dir(output, force)
 
     checkpoint = open_checkpoint(source, revision=revision)
+    stock_only = {
+        "--layout": layout is not None,
+        "--method": method != "copy",
+        "--noise": noise > 0,
+        "--shared-experts": shared_experts > 0,
+        "--router-init": router_init is not None,
+        "--router-std": router_std is not None,
+        "--moe-layers": moe_layers != "all",
+    }
+    generic_options = {"router": router, "router_options": router_options, "ffn_pattern": ffn_pattern}
+    if generic_requested(target, checkpoint.config, **generic_options, stock_options=stock_only, quiet=quiet):
+        return convert_generic(
+            source,
+            output,
+            experts=experts,
+            top_k=top_k,
+            **generic_options,
+            dtype=dtype,
+            seed=seed,
+            force=force,
+            quiet=quiet,
+            revision=revision,
+            command=command,
+        )
     source_config = normalized_source_config(checkpoint.config)
     family = find_family(source_config, target)
     layout = layout or family.default_layout
