@@ -173,6 +173,7 @@ def convert_facts(
 ) -> CardFacts:
     """Return the card facts of a dense -> MoE conversion described by a `ConvertSummary`."""
     source = summary.source
+    calibration = str(summary.settings.get("calibration") or "")
     source_link = f"[{source}](https://huggingface.co/{source})" if is_hub_id(source) else f"`{source}`"
     return CardFacts(
         title=Path(str(summary.output)).name,
@@ -186,6 +187,8 @@ def convert_facts(
         base_models=[source],
         base_model_relation="finetune",
         tags=["moe", "upcycled", "mixture-of-experts", summary.target_model_type],
+        # Calibration data from a Hub dataset is named; a local file would not resolve on the Hub.
+        datasets=[calibration] if calibration and is_hub_id(calibration) else [],
         command=command,
         model_type=summary.target_model_type,
         num_experts=summary.num_experts,
