@@ -202,11 +202,17 @@ def push_if_requested(args: argparse.Namespace, directory: str | Path, quiet: bo
     """Push the finished `directory` when `args.push_to_hub` is set; return the result or None.
 
     Raises:
-        UpcycleError: as `push_folder`.
+        UpcycleError: as `push_folder`, saying that the output is complete and how to push it again.
     """
     if not getattr(args, "push_to_hub", None):
         return None
-    result = push_folder(directory, args.push_to_hub, private=args.private)
+    try:
+        result = push_folder(directory, args.push_to_hub, private=args.private)
+    except UpcycleError as err:
+        raise UpcycleError(
+            f"{err}; the output {directory} is complete, push it again with `upcycle push {directory} "
+            f"{args.push_to_hub}`"
+        ) from None
     if not quiet:
         print(f"pushed {directory} to {result.repo_url} ({result.revision}, commit {result.commit_oid[:8]})")
     return result
