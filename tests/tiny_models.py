@@ -70,3 +70,13 @@ def logits(directory: Path, input_ids: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(input_ids).logits
+
+
+def write_stdlib_corpus(path: Path, modules: tuple[str, ...] = ("argparse", "dataclasses", "functools")) -> Path:
+    """Write the sources of some standard-library modules to `path` as a calibration text file
+    (paragraphs separated by blank lines) and return the path."""
+    import importlib
+    import inspect
+
+    path.write_text("\n\n".join(inspect.getsource(importlib.import_module(name)) for name in modules))
+    return path
