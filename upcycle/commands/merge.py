@@ -6,6 +6,8 @@ import argparse
 import shlex
 import sys
 
+from upcycle.hub import add_push_arguments, check_push_token, push_if_requested
+
 METHOD_HELP = (
     "average (uniform mean); frequency (M-SMoE: weighted by how often the router picks each expert on "
     "--calibration); router-weight (weighted by mean routing probability); task-arithmetic, ties, dare "
@@ -61,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    add_push_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -68,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     """Merge as `args` say, print a one-line summary unless quiet, and return exit code 0."""
     from upcycle.merge import merge
 
+    check_push_token(args)
     summary = merge(
         args.source,
         args.output,
@@ -98,4 +102,5 @@ def run(args: argparse.Namespace) -> int:
             f"wrote {summary.output}: {summary.source_model_type} -> {summary.target_model_type} ({summary.method}), "
             f"{shape}, {summary.total_parameters:,} parameters"
         )
+    push_if_requested(args, summary.output, quiet=args.quiet)
     return 0
