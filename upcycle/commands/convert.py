@@ -22,7 +22,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("output", help="output directory (must not exist unless --force)")
     parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default 8)")
     parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
-    parser.add_argument("--target", default="auto", choices=["auto", *TARGETS], help="target MoE family")
+    parser.add_argument(
+        "--target",
+        default="auto",
+        choices=["auto", *TARGETS, "generic"],
+        help="target MoE family; generic: any architecture with upcycle's MoE block (auto falls back to it)",
+    )
+    generic = parser.add_argument_group("generic format (README: The generic format)")
+    generic.add_argument("--router", default="topk", help="router kind of upcycle.moe.ROUTERS (default topk)")
+    generic.add_argument(
+        "--router-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="router option (VALUE read as JSON, else text), e.g. softmax_order=after; repeatable",
+    )
+    generic.add_argument("--ffn-pattern", default=None, help="regex over module names locating the FFNs to replace")
     parser.add_argument(
         "--layout",
         choices=["per-expert", "fused"],
@@ -40,6 +55,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     add_push_arguments(parser)
     parser.set_defaults(run=run)
+
+
+def parse_router_options(pairs: list[str]) -> dict:
+    """Return ``{key: value}`` from ``KEY=VALUE`` strings, each value parsed as JSON when it is JSON.
+
+    Raises:
+        UpcycleError: an entry has no ``=``.
+    """
+    import json
+
+    from upcycle.errors import UpcycleError
+
+    options = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise UpcycleError(f"--router-option {pair!r} is not KEY=VALUE; e.g. --router-option softmax_order=after")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    return options
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         command="upcycle " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["convert"] else None,
         card_model_id=args.push_to_hub,
+        router=args.router,
+        router_options=parse_router_options(args.router_option),
+        ffn_pattern=args.ffn_pattern,
     )
     if not args.quiet:
         print(

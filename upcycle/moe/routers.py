@@ -777,6 +777,8 @@ class HashRouter(Router):
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int = 1, num_bits: int = 16, seed: int = 0):
         super().__init__(hidden_size, num_experts, top_k)
+        self.num_bits = num_bits
+        self.seed = seed
         generator = torch.Generator().manual_seed(seed)
         self.register_buffer("projection", torch.randn(num_bits, hidden_size, generator=generator), persistent=False)
         self.register_buffer("powers", 2 ** torch.arange(num_bits), persistent=False)
