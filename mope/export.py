@@ -2,56 +2,63 @@
 
 A ``routing="block"`` MoPE block computes ``sum_i g_i(x) FFN_i(x)`` with
 ``FFN_i = FFN(W_p + scaling * (B_{p,i} A_{p,i} + B_{p,s} A_{p,s}))`` (the shared-expert term is
-there only with ``shared_expert``); a Mixtral sparse MoE block computes the same sum with expert
-weights stored whole. So the export is exact (float32 logits within ~1e-6) when:
+there only with ``shared_expert``); a stock sparse MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE,
+GraniteMoE, FlexOlmo) computes the same sum with expert weights stored whole. So the export is
+exact (float32 logits within ~1e-6) when:
 
-- the base model is Llama or Mistral without ``attention_bias``/``mlp_bias`` (their MoE twin is
-  Mixtral; other families raise `MoPEExportError`);
+- the base model is a dense family with an exact stock MoE twin (`upcycle.families`: Llama and
+  Mistral -> Mixtral, Qwen2 -> Qwen2-MoE with an empty shared expert, Qwen3 -> Qwen3-MoE,
+  Granite -> GraniteMoE, OLMo 2 -> FlexOlmo), with the same requirements as `upcycle convert`;
 - the adapter uses ``routing="block"`` with one expert count and one ``top_k`` for every block
-  (Mixtral has a single ``num_local_experts`` / ``num_experts_per_tok``);
-- its router is Mixtral's in eval mode: softmax over all experts of a bias-free linear map, top-k,
-  renormalised (``topk`` with the default ``normalize=True`` or ``softmax_order="after"``,
+  (the MoE configs have a single expert count and top-k);
+- its router is the stock one in eval mode: softmax over all experts of a bias-free linear map,
+  top-k, renormalised (``topk`` with the default ``normalize=True`` or ``softmax_order="after"``,
   ``noisy_topk``, or ``dense`` = ``top_k=0``, exported as k = E). ``switch`` (weights not
   renormalised), ``cosine``, ``dselect_k``, ``base``, ``sbase``, ``hash``, ``expert_choice``,
-  ``sentence`` and any ``selection_bias`` / ``score_fn="sigmoid"`` have no Mixtral equivalent;
+  ``sentence`` and any ``selection_bias`` / ``score_fn="sigmoid"`` have no stock equivalent;
 - MoPE layers outside the FFN blocks (attention projections) have constant routing (one
   expert): they are merged into the dense weights. Per-token-routed attention adapters raise.
 
 FFN blocks without the adapter (``layers_to_transform``) become E identical copies of the dense
 FFN with a zero router, which reproduces the dense block exactly. ``modules_to_save`` copies are
-exported in place of the originals. ``router_noise`` (training-time jitter) is not exported:
-Mixtral's ``router_jitter_noise`` would also jitter the experts' input.
+exported in place of the originals. ``router_noise`` (training-time jitter) is not exported.
 
-The export builds the Mixtral model in memory with transformers' own classes and
-``save_pretrained``s it, so it needs RAM for the dense model plus the MoE model; the streaming,
-bounded-memory path is `upcycle.convert`.
+The model is already in memory, so the tensors come from it; they are written one at a time
+through `upcycle.checkpoint.StreamingWriter` into a temporary directory that is renamed to the
+output only when complete (`upcycle.checkpoint.atomic_output_dir`), in the same per-expert or
+fused layouts, config (with an ``upcycle`` provenance section) and model card as `upcycle convert`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from mope.card import write_mope_export_card
 from mope.config import MoPEConfig
 from mope.errors import MoPEExportError, MoPEMergeError
 from mope.layer import GatedFFNBlock, Linear
-from mope.routing import is_softmax_renormalised
+from mope.routing import is_softmax_renormalised, router_kind
+from upcycle import __version__
+from upcycle.checkpoint import CONFIG_FILE, StreamingWriter, TensorSpec, atomic_output_dir, parse_dtype
+from upcycle.convert import ConvertSummary, PlannedTensor, build_target_config, count_parameters, parse_size
+from upcycle.errors import UpcycleError
+from upcycle.families import find_family
+from upcycle.families.base import FamilyPair
 
-_EXPORT_TARGETS = {"llama": "mixtral", "mistral": "mixtral"}
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
+_PROJECTIONS = ("gate", "up", "down")
+_MOPE_PROJECTIONS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+_LINEAR_ROUTING_MESSAGE = (
+    "only routing='block' adapters are MoE models: with routing='linear' each projection mixes its own experts "
+    "inside the FFN, which no stock MoE architecture computes. Train with routing='block', or keep the PeftModel."
 )
 
 
@@ -60,92 +67,142 @@ def export(
     out: str | os.PathLike,
     *,
     adapter_name: str | None = None,
-    overwrite: bool = False,
+    force: bool = False,
+    layout: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    max_shard_size: str | int = "5GB",
     tokenizer: Any = None,
-    dtype: torch.dtype | None = None,
-) -> Path:
-    """Write a MoPE-adapted Llama/Mistral as a Mixtral checkpoint that equals it.
+    side_files: Sequence[Path] = (),
+    adapter_source: str | None = None,
+    command: str | None = None,
+    card_model_id: str | None = None,
+    quiet: bool = True,
+) -> ConvertSummary:
+    """Write a MoPE-adapted dense model as the stock MoE checkpoint that equals it.
 
     Args:
         model: a `peft.PeftModel` (or `MoPEModel`) holding a ``routing="block"`` MoPE adapter.
         out: the output directory; written to a temporary sibling and renamed when complete.
         adapter_name: the adapter to export (default: the active one).
-        overwrite: replace ``out`` if it exists.
-        tokenizer: optional tokenizer saved next to the weights.
-        dtype: dtype of the written weights (default: the base model's); the expert weights are
+        force: replace ``out`` if it exists (only once the new checkpoint is complete).
+        layout: ``"per-expert"`` or ``"fused"`` (default: the family's Hub layout).
+        dtype: dtype of the written weights (default: the base model's); expert weights are
             computed in float32 first.
+        max_shard_size: largest safetensors shard, e.g. ``"5GB"``.
+        tokenizer: optional tokenizer saved next to the weights.
+        side_files: files copied next to the weights (the base's tokenizer and generation config).
+        adapter_source: where the adapter came from, for the provenance and model card.
+        command: the command line that ran the export, for the model card.
+        card_model_id: what the card's usage snippet loads (the Hub repo when pushing; default: ``out``).
+        quiet: no progress bar.
 
     Returns:
-        The output directory.
+        A `upcycle.ConvertSummary` of the written checkpoint (``settings`` holds the adapter's).
 
     Raises:
-        MoPEExportError: when the model has no exact Mixtral equivalent (see the module docstring)
-            or ``out`` exists and ``overwrite`` is False.
+        MoPEExportError: when the model has no exact stock MoE equivalent (see the module
+            docstring) or ``out`` exists and ``force`` is False. Nothing is left at ``out`` (or next
+            to it) when it raises.
     """
-    from transformers import MixtralConfig, MixtralForCausalLM
-
     tuner = _mope_tuner(model)
     adapter_name = _pick_adapter(tuner, adapter_name)
     peft_config: MoPEConfig = tuner.peft_config[adapter_name]
     base = tuner.model
-    dense_config = base.config
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise MoPEExportError(f"{out} exists; pass overwrite=True or choose another directory.")
-    _check_exportable(dense_config, peft_config)
-
-    blocks = _ffn_blocks(base, dense_config.num_hidden_layers)
-    adapted = [block for block in blocks if isinstance(block, GatedFFNBlock) and adapter_name in block.mope_A]
-    if not adapted:
-        raise MoPEExportError(f"adapter {adapter_name!r} adapts no FFN block; there is no MoE to export.")
-    shapes = {(block.num_experts[adapter_name], block.mope_router[adapter_name].top_k) for block in adapted}
-    if len(shapes) > 1:
-        raise MoPEExportError(
-            f"adapter {adapter_name!r} has blocks with different "
-            f"(num_experts, top_k) {sorted(shapes)}; Mixtral has "
-            "one expert count and one top_k for all layers, so per-layer expert counts (num_experts_pattern) "
-            "cannot be exported."
-        )
-    ((num_experts, top_k),) = shapes
-    for block in adapted:
-        router = block.mope_router[adapter_name]
-        if not is_softmax_renormalised(router):
-            raise MoPEExportError(
-                f"the {type(router).__name__} of adapter {adapter_name!r} "
-                "is not Mixtral's router (softmax over "
-                "all experts, top-k, renormalised); export supports router='topk' (normalize=True or "
-                "softmax_order='after'), 'noisy_topk' and top_k=0 (dense)."
-            )
-
-    moe_config = _mixtral_config(MixtralConfig, dense_config, num_experts, top_k, peft_config, dtype)
-    state_dict = _moe_state_dict(tuner, base, blocks, adapter_name, num_experts, dtype or base.dtype)
-
-    from transformers.initialization import no_init_weights
-
-    with no_init_weights():
-        moe_model = MixtralForCausalLM(moe_config)
-    missing, unexpected = moe_model.load_state_dict(state_dict, strict=False)
-    missing = [key for key in missing if not (moe_config.tie_word_embeddings and key == "lm_head.weight")]
-    if missing or unexpected:
-        raise MoPEExportError(
-            f"internal error mapping {dense_config.model_type} weights to Mixtral: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}."
-        )
-    if moe_config.tie_word_embeddings:
-        moe_model.tie_weights()
-    moe_model.to(dtype or base.dtype)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    if out.exists() and not force:
+        raise MoPEExportError(f"{out} already exists; choose another output or pass force=True (--force).")
+    if peft_config.routing != "block":
+        raise MoPEExportError(_LINEAR_ROUTING_MESSAGE)
+    source_config = base.config.to_dict()
     try:
-        moe_model.save_pretrained(temporary)
+        family = find_family(source_config)
+    except UpcycleError as exc:
+        raise MoPEExportError(f"cannot export this MoPE model: {exc}") from None
+    layout = layout or family.default_layout
+    if layout not in family.layouts:
+        raise MoPEExportError(
+            f"{family.target_model_type} has no {layout!r} layout; use {' or '.join(family.layouts)}."
+        )
+    out_dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
+    out_dtype = out_dtype or next(base.parameters()).dtype
+
+    blocks = _ffn_blocks(base, int(source_config["num_hidden_layers"]))
+    num_experts, top_k = _moe_shape(blocks, adapter_name)
+    with torch.no_grad():
+        dense = _dense_state_dict(tuner, base, adapter_name)
+    if getattr(base.config, "tie_word_embeddings", False):
+        dense.pop("lm_head.weight", None)
+    plan, expert_size = _plan(family, layout, dense, blocks, adapter_name, num_experts, out_dtype)
+    hidden = int(source_config["hidden_size"])
+    total, active = count_parameters(plan, num_experts, top_k, expert_size, hidden, len(blocks))
+
+    source = str(peft_config.base_model_name_or_path or getattr(base.config, "_name_or_path", "") or "base model")
+    settings = {
+        "adapter": adapter_source or adapter_name,
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "layout": layout,
+        "dtype": str(out_dtype).replace("torch.", ""),
+        "router": router_kind(peft_config),
+        "r": peft_config.r,
+        "lora_alpha": peft_config.lora_alpha,
+        "shared_expert": peft_config.shared_expert,
+        "share_a": peft_config.share_a,
+        "adapted_projections": sorted(
+            {
+                name
+                for block in blocks
+                if _is_adapted(block, adapter_name)
+                for name in block.adapted_projections(adapter_name)
+            }
+        ),
+        "merged_modules": sorted(
+            name
+            for name, module in base.named_modules()
+            if isinstance(module, Linear) and adapter_name in module.mope_A
+        ),
+    }
+    moe_layers = list(range(len(blocks)))
+    provenance = {
+        "version": __version__,
+        "operation": "mope-export",
+        "source": source,
+        "source_model_type": source_config["model_type"],
+        "family": family.name,
+        "moe_layers": moe_layers,
+        **settings,
+    }
+    try:
+        config = build_target_config(family, source_config, num_experts, top_k, expert_size, provenance)
+    except UpcycleError as exc:
+        raise MoPEExportError(f"cannot build the {family.target_model_type} config: {exc}") from None
+    config["dtype"] = str(out_dtype).replace("torch.", "")
+    summary = ConvertSummary(
+        output=out,
+        family=family.name,
+        source=source,
+        source_model_type=source_config["model_type"],
+        target_model_type=family.target_model_type,
+        layout=layout,
+        num_experts=num_experts,
+        top_k=top_k,
+        moe_layers=moe_layers,
+        total_parameters=total,
+        active_parameters=active,
+        settings=settings,
+    )
+    with atomic_output_dir(out, force) as directory, torch.no_grad():
+        writer = StreamingWriter(directory, [planned.spec for planned in plan], parse_size(max_shard_size))
+        for planned in tqdm(plan, desc="writing tensors", unit="tensor", disable=quiet):
+            writer.write(planned.spec.name, planned.compute())
+        writer.close()
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for path in side_files:
+            shutil.copyfile(path, directory / Path(path).name)
         if tokenizer is not None:
-            tokenizer.save_pretrained(temporary)
-        _replace_directory(temporary, out)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    return out
+            tokenizer.save_pretrained(directory)
+        write_mope_export_card(directory, summary, command, card_model_id)
+    return summary
 
 
 def export_adapter(
@@ -153,41 +210,73 @@ def export_adapter(
     out: str | os.PathLike,
     *,
     base_model: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    dtype: torch.dtype | None = None,
-) -> Path:
-    """Load a saved MoPE adapter onto its base model and `export` it (the ``upcycle convert
-    --from-mope ADAPTER`` entry point).
+    revision: str | None = None,
+    force: bool = False,
+    layout: str | None = None,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    command: str | None = None,
+    card_model_id: str | None = None,
+    quiet: bool = True,
+) -> ConvertSummary:
+    """Load a saved MoPE adapter onto its dense base model and `export` it (the
+    ``upcycle convert BASE OUT --from-mope ADAPTER`` entry point).
 
     Args:
         adapter: directory (or Hub id) with ``adapter_config.json`` and the adapter weights.
         out: the output directory.
-        base_model: the dense model (default: the adapter's ``base_model_name_or_path``).
-        overwrite, dtype: as in `export`.
+        base_model: the dense model, a directory or Hub id (default: the adapter's
+            ``base_model_name_or_path``); its tokenizer and generation config are copied.
+        revision: Hub revision of the base model.
+        force, layout, dtype, max_shard_size, command, card_model_id, quiet: as in `export`.
 
     Returns:
-        The output directory; tokenizer files of a local base model are copied next to the weights.
+        The `upcycle.ConvertSummary` of the written checkpoint.
 
     Raises:
-        MoPEExportError: when the adapter is not MoPE, names no base model, or cannot be exported.
+        MoPEExportError: when the adapter is unreadable, not MoPE, names no base model, or cannot
+            be exported; `upcycle.UpcycleError` for an unreadable base model.
     """
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
-    config = PeftConfig.from_pretrained(str(adapter))
+    from upcycle.checkpoint import check_output_dir, open_checkpoint
+
+    out = Path(out)
+    check_output_dir(out, force)  # before loading anything
+    try:
+        config = PeftConfig.from_pretrained(str(adapter))
+    except (ValueError, OSError) as exc:
+        raise MoPEExportError(
+            f"cannot read a PEFT adapter at {adapter} ({str(exc).splitlines()[0]}); give the directory that "
+            "holds adapter_config.json."
+        ) from None
     if not isinstance(config, MoPEConfig):
-        raise MoPEExportError(f"{adapter} holds a {config.peft_type} adapter, not MoPE.")
-    base_path = base_model or config.base_model_name_or_path
-    if not base_path:
-        raise MoPEExportError(f"{adapter} does not name its base model; pass base_model=.")
-    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype="auto")
+        raise MoPEExportError(
+            f"{adapter} holds a {config.peft_type.value} adapter, not MoPE; only MoPE adapters export."
+        )
+    if config.routing != "block":
+        raise MoPEExportError(_LINEAR_ROUTING_MESSAGE)  # before loading the base model
+    base_source = base_model or config.base_model_name_or_path
+    if not base_source:
+        raise MoPEExportError(f"{adapter} does not name its base model; pass the base model explicitly.")
+    checkpoint = open_checkpoint(base_source, revision=revision)
+    base = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype="auto")
     peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
-    result = export(peft_model, out, overwrite=overwrite, dtype=dtype)
-    if Path(base_path).is_dir():
-        for name in _TOKENIZER_FILES:
-            if (Path(base_path) / name).is_file():
-                shutil.copy2(Path(base_path) / name, result / name)
-    return result
+    peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = checkpoint.name
+    return export(
+        peft_model,
+        out,
+        force=force,
+        layout=layout,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        side_files=checkpoint.extra_files,
+        adapter_source=str(adapter),
+        command=command,
+        card_model_id=card_model_id,
+        quiet=quiet,
+    )
 
 
 def _mope_tuner(model: nn.Module):
@@ -210,63 +299,45 @@ def _pick_adapter(tuner, adapter_name: str | None) -> str:
     return adapter_name
 
 
-def _check_exportable(dense_config, peft_config: MoPEConfig) -> None:
-    model_type = dense_config.model_type
-    if model_type not in _EXPORT_TARGETS:
-        raise MoPEExportError(
-            f"no stock MoE architecture to export a {model_type!r} model to; supported: "
-            f"{', '.join(sorted(_EXPORT_TARGETS))} -> Mixtral."
-        )
-    for field in ("attention_bias", "mlp_bias"):
-        if getattr(dense_config, field, False):
-            raise MoPEExportError(f"a {model_type} model with {field}=True cannot be Mixtral (Mixtral has no biases).")
-    if peft_config.routing != "block":
-        raise MoPEExportError(
-            "only routing='block' adapters are MoE models: with routing='linear' each projection mixes its "
-            "own experts inside the FFN, which no stock MoE "
-            "architecture computes. Train with routing='block'."
-        )
+def _is_adapted(block: nn.Module, adapter_name: str) -> bool:
+    return isinstance(block, GatedFFNBlock) and adapter_name in block.mope_A
 
 
 def _ffn_blocks(base: nn.Module, num_layers: int) -> list[nn.Module]:
-    layers = base.get_submodule("model.layers")
+    try:
+        layers = base.get_submodule("model.layers")
+    except AttributeError:
+        raise MoPEExportError("the base model has no model.layers; only decoder-only causal LMs export.") from None
     if len(layers) != num_layers:
         raise MoPEExportError(f"expected {num_layers} decoder layers, found {len(layers)}.")
     return [layer.mlp for layer in layers]
 
 
-def _mixtral_config(config_cls, dense_config, num_experts: int, top_k: int, peft_config, dtype):
-    copied = (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "head_dim",
-        "hidden_act",
-        "max_position_embeddings",
-        "initializer_range",
-        "rms_norm_eps",
-        "use_cache",
-        "pad_token_id",
-        "bos_token_id",
-        "eos_token_id",
-        "tie_word_embeddings",
-        "rope_parameters",
-        "attention_dropout",
-        "sliding_window",
-    )
-    fields = {name: getattr(dense_config, name) for name in copied if hasattr(dense_config, name)}
-    fields.setdefault("sliding_window", None)
-    return config_cls(
-        **fields,
-        num_local_experts=num_experts,
-        num_experts_per_tok=top_k,
-        router_aux_loss_coef=peft_config.aux_loss_coef,
-        router_jitter_noise=0.0,
-        dtype=dtype or dense_config.dtype,
-    )
+def _moe_shape(blocks: list[nn.Module], adapter_name: str) -> tuple[int, int]:
+    """Return (num_experts, top_k) shared by every adapted block.
+
+    Raises:
+        MoPEExportError: no adapted block, blocks of different shapes, or a non-stock router.
+    """
+    adapted = [block for block in blocks if _is_adapted(block, adapter_name)]
+    if not adapted:
+        raise MoPEExportError(f"adapter {adapter_name!r} adapts no FFN block; there is no MoE to export.")
+    shapes = {(block.num_experts[adapter_name], block.mope_router[adapter_name].top_k) for block in adapted}
+    if len(shapes) > 1:
+        raise MoPEExportError(
+            f"adapter {adapter_name!r} has blocks with different (num_experts, top_k) {sorted(shapes)}; a stock "
+            "MoE config has one expert count and one top_k for all layers, so per-layer expert counts "
+            "(num_experts_pattern) cannot be exported."
+        )
+    for block in adapted:
+        router = block.mope_router[adapter_name]
+        if not is_softmax_renormalised(router):
+            raise MoPEExportError(
+                f"the {type(router).__name__} of adapter {adapter_name!r} is not a stock MoE router (softmax "
+                "over all experts, top-k, renormalised); export supports router='topk' (normalize=True or "
+                "softmax_order='after'), 'noisy_topk' and top_k=0 (dense)."
+            )
+    return shapes.pop()
 
 
 def _dense_state_dict(tuner, base: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -301,34 +372,123 @@ def _dense_state_dict(tuner, base: nn.Module, adapter_name: str) -> dict[str, to
     return state
 
 
-def _moe_state_dict(tuner, base, blocks, adapter_name, num_experts, dtype) -> dict[str, torch.Tensor]:
-    dense = _dense_state_dict(tuner, base, adapter_name)
-    moe: dict[str, torch.Tensor] = {}
-    for key, tensor in dense.items():
-        if ".mlp." not in key:
-            moe[key] = tensor.detach().to(dtype)
-    for index, block in enumerate(blocks):
-        prefix = f"model.layers.{index}.mlp"
-        weights = {name: dense[f"{prefix}.{name}.weight"].float() for name in ("gate_proj", "up_proj", "down_proj")}
-        experts = {name: weight.unsqueeze(0).repeat(num_experts, 1, 1) for name, weight in weights.items()}
-        if isinstance(block, GatedFFNBlock) and adapter_name in block.mope_A:
-            with torch.no_grad():
-                for name in block.adapted_projections(adapter_name):
-                    experts[name] = experts[name] + block.expert_delta_weights(adapter_name, name).float()
-            router_weight = block.mope_router[adapter_name].weight.detach().float()
+def _plan(
+    family: FamilyPair,
+    layout: str,
+    dense: dict[str, torch.Tensor],
+    blocks: list[nn.Module],
+    adapter_name: str,
+    num_experts: int,
+    out_dtype: torch.dtype,
+) -> tuple[list[PlannedTensor], int]:
+    """Return (the output tensors in model order, the experts' intermediate size)."""
+    names = family.dense_mlp
+    expert_layout = family.layouts[layout]
+    mlp_names = {
+        template.format(layer=layer) for layer in range(len(blocks)) for template in (names.gate, names.up, names.down)
+    }
+    missing = sorted(mlp_names - set(dense))
+    if missing:
+        raise MoPEExportError(f"the base model has no {missing[0]}; is it a {family.name} source?")
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(out_dtype) if tensor.is_floating_point() else tensor
+
+    def planned(name: str, shape: tuple[int, ...], compute: Callable[[], torch.Tensor], dtype=out_dtype):
+        return PlannedTensor(TensorSpec(name, dtype, tuple(shape)), compute)
+
+    def copied(name: str) -> PlannedTensor:
+        tensor = dense[name]
+        dtype = out_dtype if tensor.is_floating_point() else tensor.dtype
+        return planned(name, tuple(tensor.shape), lambda: cast(dense[name]), dtype)
+
+    by_layer: dict[int, list[str]] = {}
+    for name in dense:
+        if name in mlp_names:
+            continue
+        layer = _layer_index(name)
+        by_layer.setdefault(layer, []).append(name)
+    top_level = by_layer.pop(-1, [])
+    plan = [copied(name) for name in top_level if "embed" in name]
+    expert_size = 0
+    for layer, block in enumerate(blocks):
+        plan.extend(copied(name) for name in by_layer.get(layer, []))
+        weights = {p: dense[getattr(names, p).format(layer=layer)] for p in _PROJECTIONS}
+        expert_size, hidden = weights["gate"].shape
+        experts = _ExpertWeights(block, adapter_name, weights, num_experts)
+        router = (
+            block.mope_router[adapter_name].weight.detach()
+            if _is_adapted(block, adapter_name)
+            else torch.zeros(num_experts, hidden)
+        )
+        plan.append(planned(expert_layout.router.format(layer=layer), (num_experts, hidden), lambda r=router: cast(r)))
+        if expert_layout.fused:
+            plan.append(
+                planned(
+                    expert_layout.gate_up.format(layer=layer),
+                    (num_experts, 2 * expert_size, hidden),
+                    lambda e=experts: cast(torch.cat([e.all("gate"), e.all("up")], dim=1)),
+                )
+            )
+            plan.append(
+                planned(
+                    expert_layout.down.format(layer=layer),
+                    (num_experts, hidden, expert_size),
+                    lambda e=experts: cast(e.all("down")),
+                )
+            )
         else:
-            router_weight = torch.zeros(num_experts, weights["gate_proj"].shape[1])
-        moe[f"{prefix}.gate.weight"] = router_weight.to(dtype)
-        moe[f"{prefix}.experts.gate_up_proj"] = torch.cat([experts["gate_proj"], experts["up_proj"]], dim=1).to(dtype)
-        moe[f"{prefix}.experts.down_proj"] = experts["down_proj"].to(dtype)
-    return moe
+            for expert in range(num_experts):
+                for projection in _PROJECTIONS:
+                    plan.append(
+                        planned(
+                            getattr(expert_layout, projection).format(layer=layer, expert=expert),
+                            tuple(weights[projection].shape),
+                            lambda e=experts, p=projection, i=expert: cast(e.one(p, i)),
+                        )
+                    )
+        if family.shared_expert is not None:
+            plan.extend(_empty_shared_expert(family, layer, hidden, planned))
+    plan.extend(copied(name) for name in top_level if "embed" not in name)
+    return plan, expert_size
 
 
-def _replace_directory(source: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(source, target)
-        return
-    backup = target.with_name(f"{target.name}.old-{os.getpid()}")
-    os.rename(target, backup)
-    os.rename(source, target)
-    shutil.rmtree(backup, ignore_errors=True)
+class _ExpertWeights:
+    """The float32 weights of a block's experts, ``W + delta_i`` per projection, computed on demand."""
+
+    def __init__(self, block: nn.Module, adapter_name: str, dense: dict[str, torch.Tensor], num_experts: int):
+        self.block, self.adapter_name, self.dense, self.num_experts = block, adapter_name, dense, num_experts
+        self.adapted = block.adapted_projections(adapter_name) if _is_adapted(block, adapter_name) else ()
+
+    def all(self, projection: str) -> torch.Tensor:
+        """(E, out, in) weights of every expert on one projection."""
+        weight = self.dense[projection].float().unsqueeze(0).expand(self.num_experts, -1, -1)
+        if _MOPE_PROJECTIONS[projection] not in self.adapted:
+            return weight.clone()
+        return weight + self.block.expert_delta_weights(self.adapter_name, _MOPE_PROJECTIONS[projection]).float()
+
+    def one(self, projection: str, expert: int) -> torch.Tensor:
+        """(out, in) weight of one expert on one projection."""
+        return self.all(projection)[expert] if _MOPE_PROJECTIONS[projection] in self.adapted else self.dense[projection]
+
+
+def _empty_shared_expert(family: FamilyPair, layer: int, hidden: int, planned) -> list[PlannedTensor]:
+    """A width-0 shared expert and a zero gate, for targets that always have one (Qwen2-MoE): it adds 0."""
+    shared = family.shared_expert
+    shapes = {
+        shared.gate: (0, hidden),
+        shared.up: (0, hidden),
+        shared.down: (hidden, 0),
+        shared.expert_gate: (1, hidden),
+    }
+    return [
+        planned(template.format(layer=layer), shape, lambda shape=shape: torch.zeros(shape))
+        for template, shape in shapes.items()
+    ]
+
+
+def _layer_index(name: str) -> int:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        return int(parts[2])
+    return -1
