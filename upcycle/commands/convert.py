@@ -49,6 +49,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for router initialisation")
     parser.add_argument("--router-std", type=float, default=None, help="router init std (default: initializer_range)")
+    methods = parser.add_argument_group("expert construction and router initialisation (README: Expert methods)")
+    methods.add_argument(
+        "--method",
+        choices=["copy", "drop", "granular", "partition"],
+        default="copy",
+        help="copy: Sparse Upcycling (exact); drop: Drop-Upcycling; granular: He et al. 2024 fine-grained "
+        "shards (--experts/--top-k count FFN copies; output has x G); partition: MoEfication neuron split",
+    )
+    methods.add_argument("--noise", type=float, default=0.0, help="copy: Gaussian noise, relative to each weight's std")
+    methods.add_argument("--drop-ratio", type=float, default=None, help="drop: share of neurons re-drawn (default 0.5)")
+    methods.add_argument("--granularity", type=int, default=None, help="granular: shards per FFN (default 2)")
+    methods.add_argument(
+        "--granular-scaling",
+        choices=["paper", "down"],
+        default="paper",
+        help="granular: paper = all weights x a^(1/3) (approximate); down = down_proj x a (exact)",
+    )
+    methods.add_argument(
+        "--partition-method", choices=["random", "kmeans"], default=None, help="partition: neuron grouping"
+    )
+    methods.add_argument(
+        "--shared-experts", type=int, default=0, help="always-on shared experts carved from the FFN (qwen2_moe)"
+    )
+    methods.add_argument(
+        "--router-init",
+        choices=["random", "kmeans", "centroids"],
+        default=None,
+        help="random (default), kmeans (needs --calibration), centroids (partition's default)",
+    )
+    methods.add_argument("--calibration", default=None, help="kmeans: text/jsonl/parquet file or Hub dataset id")
+    methods.add_argument("--calibration-samples", type=int, default=128, help="kmeans: texts to run (default 128)")
+    methods.add_argument(
+        "--moe-layers", default="all", help="all (default), every:N, or indices like 0,4,8 / 0-3 (qwen targets)"
+    )
+    parser.add_argument(
+        "--from-mope",
+        metavar="ADAPTER",
+        default=None,
+        help="instead of upcycling, export the block-routed MoPE adapter ADAPTER (directory or Hub id) trained on "
+        "SOURCE: expert i = W + B_i A_i, the adapter's router; the adapter sets experts and top-k (README: MoPE)",
+    )
     parser.add_argument("--revision", default=None, help="Hub revision of the source")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
@@ -84,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     from upcycle.convert import convert
 
     check_push_token(args)
+    if args.from_mope:
+        return _run_from_mope(args)
     summary = convert(
         args.source,
         args.output,
@@ -100,6 +143,17 @@ def run(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         command="upcycle " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["convert"] else None,
         card_model_id=args.push_to_hub,
+        method=args.method,
+        noise=args.noise,
+        drop_ratio=args.drop_ratio,
+        granularity=args.granularity,
+        granular_scaling=args.granular_scaling,
+        partition_method=args.partition_method,
+        shared_experts=args.shared_experts,
+        router_init=args.router_init,
+        calibration=args.calibration,
+        calibration_samples=args.calibration_samples,
+        moe_layers=args.moe_layers,
         router=args.router,
         router_options=parse_router_options(args.router_option),
         ffn_pattern=args.ffn_pattern,
@@ -108,6 +162,56 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"wrote {summary.output}: {summary.family}, {summary.num_experts} experts, top-{summary.top_k}, "
             f"{summary.total_parameters:,} parameters ({summary.active_parameters:,} active per token)"
+        )
+    push_if_requested(args, summary.output, quiet=args.quiet)
+    return 0
+
+
+def _run_from_mope(args: argparse.Namespace) -> int:
+    """Export the MoPE adapter `args.from_mope` on `args.source` into a stock MoE checkpoint; return 0.
+
+    Raises:
+        UpcycleError: an expert-construction option was given (the adapter already decides the
+            experts and the router), or the adapter cannot be exported exactly.
+    """
+    from mope.export import export_adapter  # the mope package is needed only for this path
+    from upcycle.errors import UpcycleError
+
+    upcycle_only = {
+        "--method": args.method != "copy",
+        "--target": args.target != "auto",
+        "--shared-experts": bool(args.shared_experts),
+        "--router-init": args.router_init is not None,
+        "--calibration": args.calibration is not None,
+        "--moe-layers": args.moe_layers != "all",
+        "--router": args.router != "topk",
+        "--router-option": bool(args.router_option),
+        "--ffn-pattern": args.ffn_pattern is not None,
+    }
+    given = [flag for flag, used in upcycle_only.items() if used]
+    if given:
+        raise UpcycleError(
+            f"{', '.join(given)} cannot be combined with --from-mope: the adapter's experts and router are exported "
+            "as they are; drop those options"
+        )
+    summary = export_adapter(
+        args.from_mope,
+        args.output,
+        base_model=args.source,
+        revision=args.revision,
+        force=args.force,
+        layout=args.layout,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        command="upcycle " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["convert"] else None,
+        card_model_id=args.push_to_hub,
+        quiet=args.quiet,
+    )
+    if not args.quiet:
+        print(
+            f"wrote {summary.output}: MoPE adapter -> {summary.family}, {summary.num_experts} experts, "
+            f"top-{summary.top_k}, {summary.total_parameters:,} parameters "
+            f"({summary.active_parameters:,} active per token)"
         )
     push_if_requested(args, summary.output, quiet=args.quiet)
     return 0
