@@ -1,0 +1,426 @@
+"""Does upcycling pay off? Dense continuation vs copy / Drop- / granular upcycling vs MoPE vs merged-back.
+
+    python scripts/experiments/upcycling_study.py            # the committed study (~30 min on 2 cores)
+    python scripts/experiments/upcycling_study.py --quick    # a smoke run of every step (~1-2 min)
+
+1. Corpus: the Python standard library's sources, split by file into pretrain / continue / held-out.
+2. A byte-level BPE tokenizer trained on the two training splits; a small dense Llama pretrained
+   on the pretrain split through the recipe (`recipes/finetune.py`).
+3. From that checkpoint, every method continues on the continue split with the same schedule,
+   token budget and data order (per seed): dense; `upcycle convert --method copy|drop|granular`;
+   MoPE on the dense model (`model.mode: mope`); the trained copy-upcycled MoE merged back to dense
+   with `upcycle merge` (the method picked on training text, not on the held-out split); and a dense
+   run given as many training FLOPs as the upcycled MoEs (more tokens).
+4. Held-out loss after equal tokens and after equal training FLOPs (study_flops.py says how they
+   are counted), over every seed, written to docs/results/ as a markdown table and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from study_data import train_tokenizer, write_corpus  # noqa: E402
+from study_flops import checkpoint_parameters  # noqa: E402
+from study_report import Curve, write_report  # noqa: E402
+from study_runs import REPO, Evaluator, run_cli, run_recipe  # noqa: E402
+
+UPCYCLED = ("copy", "drop", "granular")
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """Every size, budget and hyperparameter of one study (the defaults are the committed study)."""
+
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 4
+    seq_len: int = 128
+    batch_size: int = 16
+    pretrain_steps: int = 300
+    pretrain_lr: float = 3e-3
+    continue_steps: int = 100
+    continue_lr: float = 1e-3
+    warmup_steps: int = 10
+    eval_every: int = 20
+    eval_batches: int = 8
+    seeds: tuple[int, ...] = (1, 2)
+    experts: int = 8
+    top_k: int = 2
+    drop_ratio: float = 0.5
+    granularity: int = 2
+    aux_loss_coef: float = 0.01
+    mope: dict = field(
+        default_factory=lambda: {
+            "num_experts": 8,
+            "top_k": 2,
+            "r": 8,
+            "lora_alpha": 16,
+            "target_modules": ["gate_proj", "up_proj", "down_proj"],
+        }
+    )
+    merge_methods: tuple[str, ...] = ("average", "frequency", "task-arithmetic", "ties", "dare")
+    selection_documents: int = 16
+    max_characters: dict | None = None
+
+    def tokens_per_step(self) -> int:
+        """Return the tokens one optimizer step trains on (packed blocks, no padding)."""
+        return self.batch_size * self.seq_len
+
+
+QUICK = StudySettings(
+    vocab_size=384,
+    hidden_size=32,
+    intermediate_size=64,
+    layers=2,
+    heads=2,
+    kv_heads=2,
+    seq_len=64,
+    batch_size=8,
+    pretrain_steps=12,
+    continue_steps=6,
+    warmup_steps=1,
+    eval_every=3,
+    eval_batches=2,
+    seeds=(1,),
+    merge_methods=("average", "frequency"),
+    selection_documents=4,
+    max_characters={"pretrain": 150_000, "continue": 150_000, "heldout": 40_000},
+)
+
+
+def recipe_config(settings: StudySettings, corpus) -> dict:
+    """Return the recipe YAML (as data) every training run of the study shares; runs differ only by overrides."""
+    return {
+        "model": {"path": "", "mode": "full", "dtype": "float32"},
+        "data": {
+            "train": str(corpus.files["continue"]),
+            "eval": str(corpus.files["heldout"]),
+            "format": "text",
+            "seq_len": settings.seq_len,
+            "packing": True,
+        },
+        "train": {
+            "seed": settings.seeds[0],
+            "lr": settings.continue_lr,
+            "weight_decay": 0.1,
+            "lr_scheduler": "cosine",
+            "warmup_steps": settings.warmup_steps,
+            "max_steps": settings.continue_steps,
+            "per_device_batch_size": settings.batch_size,
+            "max_grad_norm": 1.0,
+        },
+        "eval": {"every_steps": settings.eval_every, "max_batches": settings.eval_batches},
+        "checkpoint": {"every_steps": 0},
+        "logging": {"every_steps": settings.eval_every, "report_to": []},
+        "output": {"dir": "", "overwrite": True},
+    }
+
+
+def write_recipe_config(path: Path, config: dict) -> None:
+    """Write the shared recipe config, opening with the command that runs it (as recipes/configs/ do)."""
+    import yaml
+
+    header = (
+        f"# python recipes/finetune.py {path} --override model.path=MODEL --override output.dir=OUT\n"
+        "# Written by scripts/experiments/upcycling_study.py: the settings every run of the study shares.\n"
+    )
+    path.write_text(header + yaml.safe_dump(config, sort_keys=False))
+
+
+def build_dense_init(folder: Path, settings: StudySettings, tokenizer) -> Path:
+    """Save a randomly initialised dense Llama (seed 0) with `tokenizer` under `folder` and return it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=settings.hidden_size,
+        intermediate_size=settings.intermediate_size,
+        num_hidden_layers=settings.layers,
+        num_attention_heads=settings.heads,
+        num_key_value_heads=settings.kv_heads,
+        max_position_embeddings=max(512, settings.seq_len),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def curve_of(run, params, settings: StudySettings, init_loss: float | None) -> Curve:
+    """Return the held-out loss curve of a recipe run against continuation tokens and FLOPs; `init_loss`
+    is the step-0 point when the recipe did not evaluate before its first step."""
+    points = [(record["step"], record["eval_loss"]) for record in run.eval_records]
+    if init_loss is not None and (not points or points[0][0] != 0):
+        points.insert(0, (0, init_loss))
+    steps = [step for step, _ in points]
+    tokens = [step * settings.tokens_per_step() for step in steps]
+    return Curve(
+        tokens=tokens,
+        flops=[params.training_flops(count) for count in tokens],
+        losses=[loss for _, loss in points],
+        eval_tokens=run.eval_records[-1]["eval_tokens"] if run.eval_records else 0,
+    )
+
+
+def available(methods: tuple[str, ...]) -> tuple[tuple[str, ...], list[str]]:
+    """Return (the requested methods this checkout can run, a line for each one it cannot)."""
+    from upcycle.cli import COMMANDS
+
+    missing = []
+    if "merged" in methods and "merge" not in COMMANDS:
+        missing.append("merged: this checkout has no `upcycle merge` command")
+    kept = tuple(method for method in methods if not (method == "merged" and "merge" not in COMMANDS))
+    return kept, missing
+
+
+def run_study(
+    settings: StudySettings, work: Path, out_dir: Path, methods: tuple[str, ...], argv: list[str], missing: list[str]
+) -> dict:
+    """Run the whole study and return its results (also written to `out_dir`)."""
+    started = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    cache, logs = work / "datasets_cache", work / "logs"
+    logs.mkdir(exist_ok=True)
+    commands: list[str] = []
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
+
+    # 1-2. Corpus, tokenizer, pretrained dense model. ------------------------------------------------
+    corpus = write_corpus(work / "corpus", settings.max_characters)
+    selection = work / "corpus" / "selection.jsonl"  # training text the merge method is picked on
+    selection.write_text("".join(corpus.files["continue"].read_text().splitlines(True)[: settings.selection_documents]))
+    tokenizer = train_tokenizer(corpus.texts("pretrain") + corpus.texts("continue"), settings.vocab_size)
+    dense_init = build_dense_init(work / "dense-init", settings, tokenizer)
+    config_path = work / "study_recipe.yaml"
+    write_recipe_config(config_path, recipe_config(settings, corpus))
+    log(f"corpus {corpus.documents} files, {corpus.characters} characters; tokenizer {len(tokenizer)} entries")
+
+    def recipe(name: str, overrides: list[str]):
+        run = run_recipe(config_path, overrides, work / name, cache, logs / f"{name}.log")
+        commands.append(shlex.join(run.command))
+        log(
+            f"{name}: {len(run.eval_records)} evals, final eval loss {run.eval_records[-1]['eval_loss']:.4f}, "
+            f"{run.wall_seconds:.0f}s"
+        )
+        return run
+
+    def cli(argv: list[str]):
+        command = run_cli(argv)
+        commands.append(command.text())
+        return command
+
+    pretrain = recipe(
+        "pretrain",
+        [
+            f"model.path={dense_init}",
+            f"data.train={corpus.files['pretrain']}",
+            f"train.max_steps={settings.pretrain_steps}",
+            f"train.lr={settings.pretrain_lr}",
+            f"train.warmup_steps={max(settings.warmup_steps, settings.pretrain_steps // 20)}",
+            "train.seed=0",
+            f"eval.every_steps={max(settings.eval_every, settings.pretrain_steps // 5)}",
+        ],
+    )
+    dense = pretrain.final_model
+    base_overrides = [f"data.train={selection}", f"data.eval={corpus.files['heldout']}"]
+    heldout = Evaluator(config_path, base_overrides, dense)
+    picker = Evaluator(config_path, [f"data.train={selection}", f"data.eval={selection}"], dense)
+    dense_loss = heldout.loss(dense)["eval_loss"]
+    recipe_loss = pretrain.eval_records[-1]["eval_loss"]
+    log(f"pretrained dense: held-out loss {dense_loss:.4f} (the recipe's own evaluation: {recipe_loss:.4f})")
+
+    params = {"dense": checkpoint_parameters(str(dense)), "mope": checkpoint_parameters(str(dense), settings.mope)}
+    runs: dict[str, dict[int, dict]] = {}
+    merge_details: dict[int, list[dict]] = {}
+
+    def record(method: str, seed: int, run, init_loss: float | None, extra: dict | None = None) -> None:
+        curve = curve_of(run, params[method.split("+")[0]], settings, init_loss)
+        runs.setdefault(method, {})[seed] = {
+            "curve": asdict(curve),
+            "tokens": curve.tokens[-1],
+            "flops": curve.flops[-1],
+            "final_loss": curve.losses[-1],
+            "init_loss": curve.losses[0] if curve.tokens[0] == 0 else None,
+            "wall_seconds": run.wall_seconds,
+            "command": shlex.join(run.command),
+            **(extra or {}),
+        }
+
+    # 3. Continuations, seed by seed. ---------------------------------------------------------------
+    for seed in settings.seeds:
+        common = [f"train.seed={seed}"]
+        if "dense" in methods:
+            record("dense", seed, recipe(f"s{seed}-dense", [f"model.path={dense}", *common]), dense_loss)
+        for method in UPCYCLED:
+            if method not in methods:
+                continue
+            converted = work / f"s{seed}-{method}-init"
+            argv = [
+                "convert",
+                str(dense),
+                str(converted),
+                "--experts",
+                str(settings.experts),
+                "--top-k",
+                str(settings.top_k),
+                "--method",
+                method,
+                "--seed",
+                str(seed),
+                "--force",
+                "--quiet",
+            ]
+            if method == "drop":
+                argv += ["--drop-ratio", str(settings.drop_ratio)]
+            if method == "granular":
+                argv += ["--granularity", str(settings.granularity)]
+            cli(argv)
+            params.setdefault(method, checkpoint_parameters(str(converted)))
+            run = recipe(
+                f"s{seed}-{method}",
+                [f"model.path={converted}", f"moe.aux_loss_coef={settings.aux_loss_coef}", *common],
+            )
+            record(method, seed, run, None)  # the recipe evaluates at step 0
+            if method == "copy" and "merged" in methods:
+                merge_details[seed] = merge_back(run.final_model, work, seed, settings, cli, heldout, picker, selection)
+                best = min(merge_details[seed], key=lambda row: row["selection_loss"])
+                runs.setdefault("merged", {})[seed] = {
+                    **{key: value for key, value in runs["copy"][seed].items() if key != "curve"},
+                    "curve": None,
+                    "final_loss": best["heldout_loss"],
+                    "init_loss": None,
+                    "merge_method": best["method"],
+                    "command": best["command"],
+                }
+        if "mope" in methods:
+            mope_options = json.dumps(settings.mope)
+            run = recipe(
+                f"s{seed}-mope",
+                [
+                    f"model.path={dense}",
+                    "model.mode=mope",
+                    f"model.mope={mope_options}",
+                    f"moe.aux_loss_coef={settings.aux_loss_coef}",
+                    *common,
+                ],
+            )
+            record("mope", seed, run, dense_loss)  # LoRA B starts at zero: MoPE at init is the dense model
+        if "dense-flops" in methods and "copy" in params:
+            # As many training FLOPs as the copy-upcycled MoE gets, spent on more dense tokens.
+            ratio = params["copy"].training_flops_per_token() / params["dense"].training_flops_per_token()
+            steps = round(settings.continue_steps * ratio)
+            run = recipe(
+                f"s{seed}-dense-flops",
+                [
+                    f"model.path={dense}",
+                    f"train.max_steps={steps}",
+                    f"eval.every_steps={max(1, round(settings.eval_every * ratio))}",
+                    *common,
+                ],
+            )
+            params["dense-flops"] = params["dense"]
+            record("dense-flops", seed, run, dense_loss)
+
+    results = {
+        "settings": {**asdict(settings), "seeds": list(settings.seeds)},
+        "methods": list(methods),
+        "missing_methods": missing,
+        "parameters": {name: asdict(count) for name, count in params.items()},
+        "flops_per_token": {name: count.training_flops_per_token() for name, count in params.items()},
+        "dense_pretrained_loss": dense_loss,
+        "pretrain": {
+            "tokens": settings.pretrain_steps * settings.tokens_per_step(),
+            "wall_seconds": pretrain.wall_seconds,
+            "final_loss": pretrain.eval_records[-1]["eval_loss"],
+        },
+        "corpus": {"documents": corpus.documents, "characters": corpus.characters},
+        "runs": runs,
+        "merges": {str(seed): rows for seed, rows in merge_details.items()},
+        "commands": commands,
+        "study_command": shlex.join(["python", "scripts/experiments/upcycling_study.py", *argv]),
+        "wall_seconds": time.perf_counter() - started,
+        "machine": f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}, "
+        f"{__import__('os').cpu_count()} CPUs, torch {__import__('torch').__version__}",
+        "load_average": list(__import__("os").getloadavg()),
+    }
+    write_report(results, out_dir)
+    log(f"wrote {out_dir}")
+    return results
+
+
+def merge_back(moe: Path, work: Path, seed: int, settings, cli, heldout, picker, selection: Path) -> list[dict]:
+    """Merge the trained MoE back to dense with every method in `settings.merge_methods` and return
+    each one's loss on the selection text (training data, used to pick) and on the held-out split."""
+    rows = []
+    for method in settings.merge_methods:
+        merged = work / f"s{seed}-merged-{method}"
+        argv = ["merge", str(moe), str(merged), "--method", method, "--force", "--quiet"]
+        if method in ("frequency", "router-weight"):
+            argv += ["--calibration", str(selection), "--calibration-samples", str(settings.selection_documents)]
+        command = cli(argv)
+        rows.append(
+            {
+                "method": method,
+                "command": command.text(),
+                "selection_loss": picker.loss(merged)["eval_loss"],
+                "heldout_loss": heldout.loss(merged)["eval_loss"],
+            }
+        )
+    return rows
+
+
+METHODS = ("dense", "copy", "drop", "granular", "mope", "merged", "dense-flops")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse the command line, run the study and return its results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model and budgets: a smoke test of every step")
+    parser.add_argument("--out-dir", default=None, help="where the table and plots go (default docs/results)")
+    parser.add_argument("--work-dir", default=None, help="checkpoints and logs (default runs/upcycling_study[-quick])")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="continuation seeds (default 1 2)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
+    parser.add_argument("--keep-work", action="store_true", help="keep checkpoints after the study")
+    args = parser.parse_args(argv)
+    raw_argv = sys.argv[1:] if argv is None else argv
+    settings = QUICK if args.quick else StudySettings()
+    if args.seeds:
+        settings = replace(settings, seeds=tuple(args.seeds))
+    name = "upcycling_study-quick" if args.quick else "upcycling_study"
+    work = Path(args.work_dir or REPO / "runs" / name)
+    # --quick never overwrites the committed results unless told to.
+    out_dir = Path(args.out_dir or (REPO / "runs" / f"{name}-results" if args.quick else REPO / "docs" / "results"))
+    if work.exists():
+        shutil.rmtree(work)
+    methods, missing = available(tuple(args.methods))
+    if "merged" in methods and "copy" not in methods:
+        parser.error("--methods merged needs copy (it merges the trained copy-upcycled MoE)")
+    results = run_study(settings, work, out_dir, methods, raw_argv, missing)
+    if not args.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    if not all(math.isfinite(run["final_loss"]) for per_seed in results["runs"].values() for run in per_seed.values()):
+        raise SystemExit("a run ended with a non-finite loss; see the table")
+    return results
+
+
+if __name__ == "__main__":
+    main()
