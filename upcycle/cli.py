@@ -13,7 +13,7 @@ import sys
 from upcycle.errors import UpcycleError
 
 EXIT_USER_ERROR = 2
-COMMANDS = ("convert", "push", "inspect", "merge")
+COMMANDS = ("convert", "push", "inspect", "merge", "routes")
 
 
 def build_parser() -> argparse.ArgumentParser:
