@@ -121,7 +121,9 @@ def test_routes_numbers_match_an_independent_token_by_token_computation(mixtral,
         assert layer["router_entropy"] == pytest.approx(s["entropy"] / s["tokens"], rel=1e-5)
         assert layer["normalized_entropy"] == pytest.approx(s["entropy"] / s["tokens"] / math.log(EXPERTS), rel=1e-5)
         assert layer["dropped_fraction"] == pytest.approx(sum(s["dropped"]) / sum(s["pairs"]))
-        assert layer["drop_rate_by_position"] == pytest.approx([d / p for d, p in zip(s["dropped"], s["pairs"])])
+        assert layer["drop_rate_by_position"] == pytest.approx(
+            [d / p for d, p in zip(s["dropped"], s["pairs"], strict=True)]
+        )
         repeated = [c for c in s["ids"].values() if sum(c.values()) >= 2]
         consistency = sum(max(c.values()) for c in repeated) / sum(sum(c.values()) for c in repeated)
         assert layer["token_consistency"] == pytest.approx(consistency)
