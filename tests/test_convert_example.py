@@ -27,19 +27,18 @@ def test_readme_command_converts_the_shipped_example(tmp_path):
     assert (logits(out, input_ids) - logits(EXAMPLE, input_ids)).abs().max() <= 1e-5
 
 
-def test_model_card_front_matter_names_the_source(tmp_path):
+def test_model_card_front_matter_omits_a_local_source_the_hub_would_reject(tmp_path):
     from upcycle import convert
 
-    summary = convert(
-        EXAMPLE, tmp_path / "moe", experts=4, top_k=1, quiet=True, command="upcycle convert x y"
-    )
+    summary = convert(EXAMPLE, tmp_path / "moe", experts=4, top_k=1, quiet=True, command="upcycle convert x y")
     card = (tmp_path / "moe" / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
-    assert front["base_model"] == str(EXAMPLE)
+    assert "base_model" not in front  # the Hub accepts only repo ids there; the path is in the body
+    assert str(EXAMPLE) in card
     assert front["library_name"] == "transformers"
     assert front["pipeline_tag"] == "text-generation"
     assert {"moe", "upcycled", "mixtral"} <= set(front["tags"])
-    assert front["base_model_relation"] == "finetune"
+    assert "base_model_relation" not in front  # only meaningful next to base_model
     assert f"{summary.active_parameters}" in card and "upcycle convert x y" in card
     provenance = json.loads((tmp_path / "moe" / "config.json").read_text())["upcycle"]
     assert provenance["source"] == str(EXAMPLE) and provenance["num_experts"] == 4
