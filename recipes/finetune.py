@@ -38,6 +38,7 @@ from upcycle.training.checkpoints import (
     read_state,
     remove_incomplete_checkpoints,
     save_checkpoint,
+    write_json_atomic,
 )
 from upcycle.training.config import ConfigError, load_config
 from upcycle.training.data import (
@@ -145,14 +146,10 @@ def train(args: argparse.Namespace) -> None:
     )
     eval_loader = None
     if eval_set is not None:
-        eval_loader = DataLoader(
-            eval_set, batch_size=config.eval.batch_size or config.train.per_device_batch_size, collate_fn=collate
-        )
-        if config.eval.max_batches:
-            limit = config.eval.max_batches * eval_loader.batch_size * accelerator.num_processes
-            eval_loader = DataLoader(
-                eval_set.select(range(min(limit, len(eval_set)))), batch_size=eval_loader.batch_size, collate_fn=collate
-            )
+        if config.eval.max_examples:
+            eval_set = eval_set.select(range(min(config.eval.max_examples, len(eval_set))))
+        eval_batch_size = config.eval.batch_size or config.train.per_device_batch_size
+        eval_loader = DataLoader(eval_set, batch_size=eval_batch_size, collate_fn=collate)
 
     # 4. Optimizer and schedule, in optimizer steps. ------------------------------------------
     optimizer = torch.optim.AdamW(
@@ -196,6 +193,17 @@ def train(args: argparse.Namespace) -> None:
         accelerator.project_configuration.iteration = next_checkpoint_index(output_dir)
         accelerator.print(f"resumed from {resume_from} at step {start_step}")
     log = MetricsLog(output_dir / LOG_FILE, accelerator.is_main_process, start_step if resume_from else None)
+    if accelerator.is_main_process:
+        run_facts = {
+            "processes": accelerator.num_processes,
+            "global_batch_size": config.train.per_device_batch_size * accelerator.num_processes * ga_steps,
+            "steps": total_steps,
+            "steps_per_epoch": steps_per_epoch,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "resumed_from": str(resume_from) if resume_from else None,
+        }
+        write_json_atomic(output_dir / "run.json", run_facts)
 
     # 6. Train. ----------------------------------------------------------------------------------
     unwrapped = accelerator.unwrap_model(model)
@@ -203,10 +211,13 @@ def train(args: argparse.Namespace) -> None:
     top_k = getattr(unwrapped.config, "num_experts_per_tok", 1)
     step_batches = batches_by_step(accelerator, train_loader, ga_steps, steps_per_epoch, start_step)
     progress = tqdm(total=total_steps, initial=start_step, desc="train", disable=not accelerator.is_local_main_process)
+    if eval_loader is not None and config.eval.at_start and start_step == 0:
+        report_eval(accelerator, log, 0, evaluate(model, eval_loader, accelerator))
     interval_tokens, interval_start = 0.0, time.perf_counter()
     model.train()
     for step in range(start_step + 1, total_steps + 1):
         micro_batches = next(step_batches)
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses; scheduler.step() moves to the next
         # Each micro-batch's loss sum is divided by the target-token count of the whole global
         # batch; x processes x GA undoes DDP's gradient mean and `backward`'s division by GA.
         target_tokens = accelerator.reduce(
@@ -250,7 +261,7 @@ def train(args: argparse.Namespace) -> None:
                 "lm_loss": lm_loss,
                 "aux_loss": aux_loss,
                 **{name: value / micro_steps for name, value in zip(aux_parts, totals[3:], strict=True)},
-                "lr": scheduler.get_last_lr()[0],
+                "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_s": interval_tokens / max(elapsed, 1e-9),
             }

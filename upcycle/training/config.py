@@ -128,8 +128,9 @@ class TrainSection:
 @dataclass
 class EvalSection:
     every_steps: int = 0
+    at_start: bool = True
     batch_size: int | None = None
-    max_batches: int | None = None
+    max_examples: int | None = None
 
 
 @dataclass
