@@ -39,7 +39,7 @@ def test_model_card_front_matter_omits_a_local_source_the_hub_would_reject(tmp_p
     assert front["pipeline_tag"] == "text-generation"
     assert {"moe", "upcycled", "mixtral"} <= set(front["tags"])
     assert "base_model_relation" not in front  # only meaningful next to base_model
-    assert f"{summary.active_parameters}" in card and "upcycle convert x y" in card
+    assert f"{summary.active_parameters:,}" in card and "upcycle convert x y" in card
     provenance = json.loads((tmp_path / "moe" / "config.json").read_text())["upcycle"]
     assert provenance["source"] == str(EXAMPLE) and provenance["num_experts"] == 4
 
