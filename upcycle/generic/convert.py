@@ -8,9 +8,11 @@ and `save_pretrained` around a module swap. Peak memory is the source plus its F
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -119,7 +121,8 @@ def convert_generic(
     out_dtype = parse_dtype(dtype)
     check_output_dir(output, force)
     directory, name = resolve_source(source, revision)
-    model = load_source_model(directory, out_dtype)
+    with _progress_bars(not quiet):
+        model = load_source_model(directory, out_dtype)
     config = model.config
     site = site_for(config.model_type, ffn_pattern)
     router_options = dict(router_options or {})
@@ -176,7 +179,8 @@ def convert_generic(
         settings=settings,
     )
     with atomic_output_dir(output, force) as temporary:
-        model.save_pretrained(temporary)
+        with _progress_bars(not quiet):
+            model.save_pretrained(temporary)
         config_path = temporary / CONFIG_FILE
         saved = json.loads(config_path.read_text())
         saved["upcycle"] = section
@@ -191,6 +195,21 @@ def convert_generic(
     if not quiet:
         print(f"upcycled {len(replaced)} FFNs ({replaced[0]}, ...) into MoE blocks with {experts} experts")
     return summary
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """Turn transformers' loading/saving progress bars off inside the block when not ``enabled``."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _write_card(directory: Path, summary, classes: dict[str, str], replaced: list[str], command: str | None) -> None:
