@@ -85,7 +85,8 @@ def summarize(results: dict) -> list[dict]:
             curve = run["curve"]
             if curve is not None and dense_flops is not None:
                 at_dense_flops.append(interpolate(curve["flops"], curve["losses"], dense_flops))
-        params = results["parameters"].get("copy" if method == "merged" else method, {})
+        # A merged model is dense-sized; its training was the copy-upcycled MoE's.
+        params = results["parameters"].get("dense" if method == "merged" else method, {})
         rows.append(
             {
                 "method": method,
@@ -218,6 +219,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
         f"[{RESULTS}]({RESULTS})).",
         "",
         f"- Command: `{results['study_command']}`",
+        f"- Code: commit {results.get('git_revision', 'unknown')}.",
         f"- Wall time: {results['wall_seconds']:.0f} s ({minutes:.1f} min) on {results['machine']}; "
         f"load average at the end {', '.join(f'{x:.1f}' for x in results['load_average'])} "
         "(the machine's two cores were shared with other jobs, so the time is an upper bound).",

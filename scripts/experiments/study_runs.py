@@ -132,8 +132,8 @@ class Evaluator:
         tokenizer = load_tokenizer(self.config, model_path)
         _, eval_set = build_datasets(self.config.data, tokenizer, self.config.train.seed)
         batch_size = self.config.eval.batch_size or self.config.train.per_device_batch_size
-        if self.config.eval.max_batches:  # the recipe's own cut (one process)
-            eval_set = eval_set.select(range(min(self.config.eval.max_batches * batch_size, len(eval_set))))
+        if self.config.eval.max_examples:  # the recipe's own cut
+            eval_set = eval_set.select(range(min(self.config.eval.max_examples, len(eval_set))))
         self.accelerator = Accelerator(cpu=True)
         self.loader = self.accelerator.prepare(
             DataLoader(eval_set, batch_size=batch_size, collate_fn=PadCollator(tokenizer.pad_token_id))

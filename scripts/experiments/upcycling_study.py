@@ -18,8 +18,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
+import os
 import platform
 import shlex
 import shutil
@@ -52,10 +54,10 @@ class StudySettings:
     batch_size: int = 16
     pretrain_steps: int = 300
     pretrain_lr: float = 3e-3
-    continue_steps: int = 100
+    continue_steps: int = 80
     continue_lr: float = 1e-3
     warmup_steps: int = 10
-    eval_every: int = 20
+    eval_every: int = 16
     eval_batches: int = 8
     seeds: tuple[int, ...] = (1, 2)
     experts: int = 8
@@ -123,7 +125,11 @@ def recipe_config(settings: StudySettings, corpus) -> dict:
             "per_device_batch_size": settings.batch_size,
             "max_grad_norm": 1.0,
         },
-        "eval": {"every_steps": settings.eval_every, "max_batches": settings.eval_batches},
+        "eval": {
+            "every_steps": settings.eval_every,
+            "at_start": True,
+            "max_examples": settings.eval_batches * settings.batch_size,
+        },
         "checkpoint": {"every_steps": 0},
         "logging": {"every_steps": settings.eval_every, "report_to": []},
         "output": {"dir": "", "overwrite": True},
@@ -192,7 +198,12 @@ def available(methods: tuple[str, ...]) -> tuple[tuple[str, ...], list[str]]:
 
 
 def run_study(
-    settings: StudySettings, work: Path, out_dir: Path, methods: tuple[str, ...], argv: list[str], missing: list[str]
+    settings: StudySettings,
+    work: Path,
+    out_dir: Path,
+    methods: tuple[str, ...],
+    study_argv: list[str],
+    missing: list[str],
 ) -> dict:
     """Run the whole study and return its results (also written to `out_dir`)."""
     started = time.perf_counter()
@@ -216,7 +227,7 @@ def run_study(
 
     def recipe(name: str, overrides: list[str]):
         run = run_recipe(config_path, overrides, work / name, cache, logs / f"{name}.log")
-        commands.append(shlex.join(run.command))
+        commands.append(relative(shlex.join(run.command)))
         log(
             f"{name}: {len(run.eval_records)} evals, final eval loss {run.eval_records[-1]['eval_loss']:.4f}, "
             f"{run.wall_seconds:.0f}s"
@@ -225,7 +236,7 @@ def run_study(
 
     def cli(argv: list[str]):
         command = run_cli(argv)
-        commands.append(command.text())
+        commands.append(relative(command.text()))
         return command
 
     pretrain = recipe(
@@ -261,8 +272,33 @@ def run_study(
             "final_loss": curve.losses[-1],
             "init_loss": curve.losses[0] if curve.tokens[0] == 0 else None,
             "wall_seconds": run.wall_seconds,
-            "command": shlex.join(run.command),
+            "command": relative(shlex.join(run.command)),
             **(extra or {}),
+        }
+
+    def results_so_far() -> dict:
+        return {
+            "settings": {**asdict(settings), "seeds": list(settings.seeds)},
+            "methods": list(methods),
+            "missing_methods": missing,
+            "parameters": {name: asdict(count) for name, count in params.items()},
+            "flops_per_token": {name: count.training_flops_per_token() for name, count in params.items()},
+            "dense_pretrained_loss": dense_loss,
+            "pretrain": {
+                "tokens": settings.pretrain_steps * settings.tokens_per_step(),
+                "wall_seconds": pretrain.wall_seconds,
+                "final_loss": pretrain.eval_records[-1]["eval_loss"],
+            },
+            "corpus": {"documents": corpus.documents, "characters": corpus.characters},
+            "runs": runs,
+            "merges": {str(seed): rows for seed, rows in merge_details.items()},
+            "commands": commands,
+            "study_command": shlex.join(["python", "scripts/experiments/upcycling_study.py", *study_argv]),
+            "wall_seconds": time.perf_counter() - started,
+            "machine": f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}, "
+            f"{os.cpu_count()} CPUs, torch {importlib.metadata.version('torch')}",
+            "load_average": list(os.getloadavg()),
+            "git_revision": git_revision(),
         }
 
     # 3. Continuations, seed by seed. ---------------------------------------------------------------
@@ -274,7 +310,7 @@ def run_study(
             if method not in methods:
                 continue
             converted = work / f"s{seed}-{method}-init"
-            argv = [
+            convert_argv = [
                 "convert",
                 str(dense),
                 str(converted),
@@ -290,10 +326,10 @@ def run_study(
                 "--quiet",
             ]
             if method == "drop":
-                argv += ["--drop-ratio", str(settings.drop_ratio)]
+                convert_argv += ["--drop-ratio", str(settings.drop_ratio)]
             if method == "granular":
-                argv += ["--granularity", str(settings.granularity)]
-            cli(argv)
+                convert_argv += ["--granularity", str(settings.granularity)]
+            cli(convert_argv)
             params.setdefault(method, checkpoint_parameters(str(converted)))
             run = recipe(
                 f"s{seed}-{method}",
@@ -309,7 +345,7 @@ def run_study(
                     "final_loss": best["heldout_loss"],
                     "init_loss": None,
                     "merge_method": best["method"],
-                    "command": best["command"],
+                    "command": relative(best["command"]),
                 }
         if "mope" in methods:
             mope_options = json.dumps(settings.mope)
@@ -340,31 +376,28 @@ def run_study(
             params["dense-flops"] = params["dense"]
             record("dense-flops", seed, run, dense_loss)
 
-    results = {
-        "settings": {**asdict(settings), "seeds": list(settings.seeds)},
-        "methods": list(methods),
-        "missing_methods": missing,
-        "parameters": {name: asdict(count) for name, count in params.items()},
-        "flops_per_token": {name: count.training_flops_per_token() for name, count in params.items()},
-        "dense_pretrained_loss": dense_loss,
-        "pretrain": {
-            "tokens": settings.pretrain_steps * settings.tokens_per_step(),
-            "wall_seconds": pretrain.wall_seconds,
-            "final_loss": pretrain.eval_records[-1]["eval_loss"],
-        },
-        "corpus": {"documents": corpus.documents, "characters": corpus.characters},
-        "runs": runs,
-        "merges": {str(seed): rows for seed, rows in merge_details.items()},
-        "commands": commands,
-        "study_command": shlex.join(["python", "scripts/experiments/upcycling_study.py", *argv]),
-        "wall_seconds": time.perf_counter() - started,
-        "machine": f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}, "
-        f"{__import__('os').cpu_count()} CPUs, torch {__import__('torch').__version__}",
-        "load_average": list(__import__("os").getloadavg()),
-    }
+        write_report(results_so_far(), out_dir)  # a seed's results survive a later crash
+        log(f"seed {seed} done; report written to {out_dir}")
+
+    results = results_so_far()
     write_report(results, out_dir)
     log(f"wrote {out_dir}")
     return results
+
+
+def relative(command: str) -> str:
+    """Return `command` with this checkout's absolute path removed (the commands run from the repo root)."""
+    return command.replace(f"{REPO}/", "")
+
+
+def git_revision() -> str:
+    """Return the checkout's commit, with "+ local changes" when the tree differs from it."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + (" + local changes" if git("status", "--porcelain") else "")
 
 
 def merge_back(moe: Path, work: Path, seed: int, settings, cli, heldout, picker, selection: Path) -> list[dict]:
