@@ -7,6 +7,7 @@ wrong type or a value outside its choices fails at load time with one line that 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -299,7 +300,7 @@ def config_from_dict(values: dict, overrides: list[str] | tuple[str, ...] = ()) 
         ConfigError: an unknown key, a wrong type, a value outside its choices or range, or a
             required key left empty; the message starts with the key.
     """
-    tree = dict(values or {})
+    tree = copy.deepcopy(values or {})  # overrides must not leak into the caller's dicts
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
