@@ -201,14 +201,18 @@ class RoutingStatistics:
         }
 
 
-def _fused_expert_outputs(experts: torch.nn.Module, hidden: torch.Tensor, act) -> torch.Tensor:
-    """Return (E, N, H): every expert of a transformers-5 fused experts module applied to `hidden` (N, H)."""
+def _fused_expert_output_sums(experts: torch.nn.Module, hidden: torch.Tensor, act) -> torch.Tensor:
+    """Return (E, H): each expert of a transformers-5 fused experts module applied to `hidden` (N, H), summed
+    over tokens. One expert at a time, so the intermediate activations are (N, I), not (E, N, I)."""
     if not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
         raise UpcycleError(
             f"{type(experts).__name__} has no fused gate_up_proj/down_proj; cannot compute expert outputs"
         )
-    gate, up = torch.einsum("nh,eih->eni", hidden, experts.gate_up_proj).chunk(2, dim=-1)
-    return torch.einsum("eni,ehi->enh", act(gate) * up, experts.down_proj)
+    sums = []
+    for gate_up, down in zip(experts.gate_up_proj, experts.down_proj, strict=True):
+        gate, up = torch.nn.functional.linear(hidden, gate_up).chunk(2, dim=-1)
+        sums.append(torch.nn.functional.linear(act(gate) * up, down).double().sum(0))
+    return torch.stack(sums)
 
 
 @torch.no_grad()
@@ -271,8 +275,7 @@ def collect_routing_statistics(
                 gate = torch.nn.functional.linear(hidden, probe.shared_gate_weight.to(hidden.device, hidden.dtype))
                 record.shared_gate_sum += torch.sigmoid(gate.float()).sum().item()
             if expert_outputs:
-                outputs = _fused_expert_outputs(module.experts, hidden, act)
-                record.expert_output_sum += outputs.double().sum(1).cpu()
+                record.expert_output_sum += _fused_expert_output_sums(module.experts, hidden, act).cpu()
 
         return hook
 
