@@ -56,6 +56,7 @@ from upcycle.training.model import (
     check_mode_fits,
     load_model,
     load_tokenizer,
+    mark_zero3_leaf_modules,
     model_facts,
     optimizer_groups,
     parameter_counts,
@@ -158,6 +159,9 @@ def train(args: argparse.Namespace) -> None:
         betas=(config.train.adam_beta1, config.train.adam_beta2),
         eps=config.train.adam_epsilon,
     )
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed is not None and deepspeed.zero_stage == 3:
+        accelerator.print(f"ZeRO-3 leaf modules: {[cls.__name__ for cls in mark_zero3_leaf_modules(model)]}")
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)

@@ -185,3 +185,18 @@ def test_resume_ignores_and_removes_a_checkpoint_a_kill_left_half_written(tmp_pa
     assert not (checkpoints / "checkpoint_1").exists()
     with pytest.raises(ConfigError, match="^--resume: "):
         find_resume_checkpoint(tmp_path, str(checkpoints / "checkpoint_1"))
+
+
+def test_moe_blocks_are_found_for_zero3_leaf_modules():
+    from upcycle.training.model import moe_block_classes
+
+    assert [cls.__name__ for cls in moe_block_classes(_tiny_mixtral())] == ["MixtralSparseMoeBlock"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_opens_with_its_command_and_validates(path):
+    from upcycle.training.config import load_config
+
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# accelerate launch ") and f"recipes/configs/{path.name}" in first_line
+    load_config(path)

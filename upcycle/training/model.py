@@ -285,3 +285,27 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def moe_block_classes(model: nn.Module) -> list[type]:
+    """Return the classes of the model's MoE blocks: modules that own an ``experts`` child."""
+    classes = []
+    for module in model.modules():
+        if isinstance(getattr(module, "experts", None), nn.Module) and type(module) not in classes:
+            classes.append(type(module))
+    return classes
+
+
+def mark_zero3_leaf_modules(model: nn.Module) -> list[type]:
+    """Make every MoE block a DeepSpeed ZeRO-3 leaf module and return the block classes.
+
+    ZeRO-3 gathers parameters through hooks on the modules a forward runs; an MoE block runs only
+    the experts its tokens chose, so ranks would gather different parameters and hang. A leaf
+    module is gathered whole on every rank. Call before ``accelerator.prepare``.
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = moe_block_classes(model)
+    if classes:
+        set_z3_leaf_modules(model, classes)
+    return classes
