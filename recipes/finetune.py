@@ -62,7 +62,7 @@ from upcycle.training.model import (
     parameter_counts,
     upcycle_model,
 )
-from upcycle.training.save import export_mope_to_moe, push_final, save_final
+from upcycle.training.save import export_mope_to_moe, merge_to_dense, push_final, save_final
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -290,8 +290,12 @@ def train(args: argparse.Namespace) -> None:
     accelerator.print(f"saved {final}")
     if config.output.export == "moe":
         accelerator.print(f"exported {export_mope_to_moe(accelerator, model, tokenizer, output_dir / f'{FINAL}-moe')}")
+    if config.output.export == "dense":
+        accelerator.print(
+            f"merged {merge_to_dense(accelerator, final, output_dir / f'{FINAL}-dense', config.output.merge)}"
+        )
     if config.output.push_to_hub:
-        pushed = final if config.output.export == "none" else output_dir / f"{FINAL}-moe"
+        pushed = final if config.output.export == "none" else output_dir / f"{FINAL}-{config.output.export}"
         accelerator.print(f"pushed {push_final(accelerator, pushed, config.output.push_to_hub, config.output.private)}")
     accelerator.end_training()
 

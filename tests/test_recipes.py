@@ -106,7 +106,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     python = [sys.executable, str(RECIPE)]
     popen = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     reference = subprocess.Popen(
-        python + _overrides(tiny, out["reference"], "logging.report_to=[tensorboard]"), **popen
+        python + _overrides(tiny, out["reference"], "logging.report_to=[tensorboard]", "output.export=dense"), **popen
     )
     # Same global batch of 8: one process x 4 x 2 accumulation steps vs 2 processes x 4 x 1.
     # `accelerate launch --cpu --num_processes 2` starts ONE process (Accelerate's simple launcher,
@@ -164,6 +164,8 @@ def test_smoke_run_learns_and_saves_a_stock_mixtral(runs):
     model = AutoModelForCausalLM.from_pretrained(final)
     assert type(model).__name__ == "MixtralForCausalLM"
     assert (final / "tokenizer.json").is_file() and (final / "recipe.yaml").is_file()
+    dense = AutoModelForCausalLM.from_pretrained(runs["reference"] / "final-dense")
+    assert type(dense).__name__ == "LlamaForCausalLM", "export: dense folds the trained MoE back with upcycle.merge"
     # total_limit 2 keeps the checkpoints of steps 4 and 8.
     assert sorted(p.name for p in (runs["reference"] / "checkpoints").iterdir()) == ["checkpoint_0", "checkpoint_1"]
 

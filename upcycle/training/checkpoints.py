@@ -85,7 +85,7 @@ def check_fresh_output(output_dir: Path, overwrite: bool) -> None:
 
 def clear_output(output_dir: Path) -> None:
     """Remove an earlier run's checkpoints, final model and log from `output_dir` (``output.overwrite``)."""
-    for name in (CHECKPOINTS, FINAL, f"{FINAL}-moe", LOG_FILE):
+    for name in (CHECKPOINTS, FINAL, f"{FINAL}-moe", f"{FINAL}-dense", LOG_FILE, "run.json"):
         path = Path(output_dir) / name
         if path.is_dir():
             shutil.rmtree(path)

@@ -24,7 +24,7 @@ DATA_FORMATS = ("text", "prompt_completion", "chat")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb")
-EXPORTS = ("none", "moe")
+EXPORTS = ("none", "moe", "dense")
 
 
 class ConfigError(UpcycleError):
@@ -154,6 +154,8 @@ class OutputSection:
     dir: str = ""
     overwrite: bool = False
     export: str = field(default="none", metadata=_choices(*EXPORTS))
+    # `upcycle.merge` settings for export: dense (e.g. {method: frequency, calibration: data.jsonl}).
+    merge: dict = field(default_factory=lambda: {"method": "average"})
     push_to_hub: str | None = None
     private: bool = True
 
@@ -383,9 +385,14 @@ def check_values(config: RecipeConfig) -> None:
         f"set only with model.mode: mope (mode is {mode!r})",
     )
     _require(
-        config.output.export == "none" or mode == "mope",
+        config.output.export != "moe" or mode == "mope",
         "output.export",
         "'moe' exports a block-routed MoPE adapter; it needs model.mode: mope",
+    )
+    _require(
+        config.output.export != "dense" or mode not in ("lora", "mope"),
+        "output.export",
+        "'dense' merges a trained MoE checkpoint; with an adapter (lora, mope) there is none to merge",
     )
     for key in ("aux_loss_coef", "z_loss_coef", "router_noise"):
         _require(

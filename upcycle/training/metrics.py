@@ -40,7 +40,8 @@ def mope_router_layers(model: nn.Module) -> list[tuple[str, torch.Tensor, torch.
         for adapter_name in module.active_adapters:
             routing = module.last_routing.get(adapter_name)
             if routing is not None and module.num_experts[adapter_name] > 1:
-                layers.append((name, routing.router_logits.detach().float(), routing.expert_indices.detach()))
+                short = name.removeprefix("base_model.model.")  # PEFT's wrapper prefix
+                layers.append((short, routing.router_logits.detach().float(), routing.expert_indices.detach()))
     return layers
 
 

@@ -99,6 +99,8 @@ def check_mode_fits(config: RecipeConfig, facts: ModelFacts) -> None:
         raise ConfigError(
             f"moe.router_jitter: {facts.model_type} has no router jitter field (router_jitter_noise); set it to 0"
         )
+    if config.output.export == "dense" and not facts.is_moe:
+        raise ConfigError(f"output.export: 'dense' merges a MoE back into its dense family but {described}")
     if config.output.export == "moe":
         base = facts.model_type
         if base not in MOPE_EXPORT_BASES or config.model.mope.get("routing") != "block":

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from upcycle.checkpoint import atomic_output_dir
+from upcycle.training.config import ConfigError
 
 
 def save_final(accelerator, model, tokenizer, directory: Path, run_config: dict) -> Path:
@@ -51,7 +52,27 @@ def export_mope_to_moe(accelerator, model, tokenizer, directory: Path) -> Path |
     if accelerator.is_main_process:
         import mope
 
-        path = mope.export(accelerator.unwrap_model(model), directory, overwrite=True, tokenizer=tokenizer)
+        exported = mope.export(accelerator.unwrap_model(model), directory, force=True, tokenizer=tokenizer)
+        path = Path(getattr(exported, "output", exported))
+    accelerator.wait_for_everyone()
+    return path
+
+
+def merge_to_dense(accelerator, final: Path, directory: Path, options: dict) -> Path | None:
+    """Fold the saved MoE checkpoint `final` into a dense model at `directory` with `upcycle.merge`
+    (main process; ``options`` are its keyword arguments, e.g. ``method``); return the directory there.
+
+    Raises:
+        UpcycleError: a bad merge option or a checkpoint merge cannot fold.
+    """
+    path = None
+    if accelerator.is_main_process:
+        from upcycle.merge import merge
+
+        try:
+            path = Path(merge(final, directory, force=True, quiet=True, **options).output)
+        except TypeError as err:  # an option name upcycle.merge does not take
+            raise ConfigError(f"output.merge: {err}") from None
     accelerator.wait_for_everyone()
     return path
 
