@@ -54,7 +54,8 @@ class LayerRouting:
         dropped_fraction: share of assignments beyond capacity at the report's capacity factor.
         drop_rate_by_position: dropped share of the assignments in each position bucket.
         token_consistency: over token ids seen at least twice, the share of their occurrences whose
-            top-1 expert is that id's most frequent top-1 expert (1 = the id alone decides).
+            top-1 expert is that id's most frequent top-1 expert (1 = the id alone decides; None
+            when no id repeats).
         consistency_occurrences: occurrences counted in ``token_consistency``.
     """
 
@@ -69,7 +70,7 @@ class LayerRouting:
     normalized_entropy: float
     dropped_fraction: float
     drop_rate_by_position: list[float]
-    token_consistency: float
+    token_consistency: float | None
     consistency_occurrences: int
 
 
@@ -155,7 +156,7 @@ class _LayerAccumulator:
             normalized_entropy=entropy / math.log(self.num_experts) if self.num_experts > 1 else 0.0,
             dropped_fraction=float(self.bucket_dropped.sum() / pairs.sum().clamp(min=1)),
             drop_rate_by_position=(self.bucket_dropped / pairs.clamp(min=1)).tolist(),
-            token_consistency=float(consistent / total_repeated) if total_repeated > 0 else float("nan"),
+            token_consistency=float(consistent / total_repeated) if total_repeated > 0 else None,
             consistency_occurrences=int(total_repeated),
         )
 
@@ -309,6 +310,7 @@ def routing_report(
     from transformers import AutoTokenizer
 
     from upcycle.calibration import calibration_batches, load_calibration_texts
+    from upcycle.generic.convert import progress_bars
     from upcycle.generic.load import load
 
     texts = load_calibration_texts(data, samples=samples)
@@ -318,7 +320,8 @@ def routing_report(
         raise UpcycleError(
             f"cannot load a tokenizer from {tokenizer or model_path} ({str(err).splitlines()[0]}); pass --tokenizer"
         ) from None
-    model = load(model_path)
+    with progress_bars(not quiet):
+        model = load(model_path)
     batches = calibration_batches(tok, texts, max_length=max_length, batch_size=batch_size)
     return analyze_routing(
         model,
@@ -354,7 +357,7 @@ def write_report(report: RoutingReport, output: str | Path, force: bool = False)
         axes.set_xlabel("expert")
         axes.set_ylabel("layer")
         axes.set_yticks(range(len(load)), [layer.name for layer in report.layers], fontsize=7)
-        axes.set_title(f"expert load (share of assignments), uniform = {1 / len(load[0]):.3f}")
+        axes.set_title(f"expert load (uniform = {1 / len(load[0]):.3f})", fontsize=9)
         figure.colorbar(image, ax=axes)
         figure.tight_layout()
         figure.savefig(directory / LOAD_PLOT, dpi=120)

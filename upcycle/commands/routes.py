@@ -58,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
     for layer in report.layers:
         print(
             f"  {layer.name:<28} {layer.load_cv:8.3f} {layer.normalized_entropy:12.3f} {layer.dropped_fraction:8.1%} "
-            f"{layer.drop_rate_by_position[-1]:10.1%} {layer.token_consistency:10.1%}"
+            f"{layer.drop_rate_by_position[-1]:10.1%} {_percent(layer.token_consistency):>10}"
         )
     print(f"wrote {args.out}/routes.json, expert_load.png, drop_by_position.png")
     return 0
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"

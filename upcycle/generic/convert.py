@@ -40,7 +40,7 @@ from upcycle.generic.modeling import (
 from upcycle.generic.sites import site_for
 from upcycle.moe import MoE, moe_modules
 
-__all__ = ["convert_generic", "generic_requested", "load_source_model"]
+__all__ = ["convert_generic", "generic_requested", "load_source_model", "progress_bars"]
 
 
 def load_source_model(directory: Path, dtype: torch.dtype | None) -> torch.nn.Module:
@@ -121,7 +121,7 @@ def convert_generic(
     out_dtype = parse_dtype(dtype)
     check_output_dir(output, force)
     directory, name = resolve_source(source, revision)
-    with _progress_bars(not quiet):
+    with progress_bars(not quiet):
         model = load_source_model(directory, out_dtype)
     config = model.config
     site = site_for(config.model_type, ffn_pattern)
@@ -179,7 +179,7 @@ def convert_generic(
         settings=settings,
     )
     with atomic_output_dir(output, force) as temporary:
-        with _progress_bars(not quiet):
+        with progress_bars(not quiet):
             model.save_pretrained(temporary)
         config_path = temporary / CONFIG_FILE
         saved = json.loads(config_path.read_text())
@@ -198,7 +198,7 @@ def convert_generic(
 
 
 @contextlib.contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
+def progress_bars(enabled: bool) -> Iterator[None]:
     """Turn transformers' loading/saving progress bars off inside the block when not ``enabled``."""
     from transformers.utils import logging as hf_logging
 

@@ -143,8 +143,16 @@ def apply_capacity(
     pair_ids = (token_order[None, :] * top_k + ranks[:, None]).reshape(-1)  # choice-rank major
     experts = expert_indices.reshape(-1)[pair_ids]
     candidates = valid.reshape(-1)[pair_ids]
-    claims = F.one_hot(experts, num_experts) * candidates[:, None]
-    position = claims.cumsum(0).gather(1, experts[:, None]).squeeze(1) - 1
+    # Rank each pair within its expert, in priority order: a stable sort by expert keeps the
+    # priority order inside each group (O(P) memory, unlike a (P, E) one-hot cumsum); pairs that
+    # are not candidates get the sentinel expert E and never take a place.
+    keys = torch.where(candidates, experts, num_experts)
+    by_expert = keys.argsort(stable=True)
+    sorted_keys = keys[by_expert]
+    group_sizes = torch.bincount(sorted_keys, minlength=num_experts + 1)
+    group_starts = torch.cumsum(group_sizes, 0) - group_sizes
+    position = torch.empty_like(by_expert)
+    position[by_expert] = torch.arange(by_expert.numel(), device=by_expert.device) - group_starts[sorted_keys]
     kept = torch.zeros(num_tokens * top_k, dtype=torch.bool, device=expert_indices.device)
     kept[pair_ids] = candidates & (position < capacity)
     return kept.view(num_tokens, top_k)
