@@ -31,6 +31,11 @@ CASES = {
     "frequency-without-data": ("upcycled", ["--method", "frequency"], "needs --calibration DATA"),
     "concat-with-experts": ("upcycled", ["--method", "concat", "--experts", "2"], "cannot keep --experts K"),
     "bad-density": ("upcycled", ["--method", "dare", "--density", "0"], "--density must be in (0, 1]"),
+    "base-of-another-width": (
+        "foreign",
+        ["--method", "ties", "--base", "{dense}"],
+        "task vectors need a base FFN as wide as one expert",
+    ),
 }
 
 
@@ -38,6 +43,7 @@ CASES = {
 def test_bad_merge_input_is_one_line_exit_2_and_writes_nothing(sources, tmp_path, capsys, case):
     source, options, message = CASES[case]
     output = tmp_path / "out"
+    options = [option.format(dense=sources["dense"]) for option in options]
     assert main(["merge", str(sources[source]), str(output), *options]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("upcycle: error: ")

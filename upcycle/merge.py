@@ -96,19 +96,27 @@ class _Base:
     def __init__(self, moe: MoESource, base: str | None, method: str):
         self.description = "expert-mean"
         self.checkpoint = None
-        if base is None:
+        if base is not None:
+            self.checkpoint = open_checkpoint(base)
+            problem = self._mismatch(moe)
+            if problem:
+                raise UpcycleError(f"--base {base}: {problem}; give the dense model the MoE was upcycled from")
+        else:
             recorded = _upcycled_dense_source(moe.config)
             if recorded is not None and Path(recorded).is_dir():
-                base = recorded
-        if base is None:
-            if method == "ties":
-                raise UpcycleError(
-                    f"--method ties needs a base FFN to measure task vectors from and {moe.name} records no "
-                    "local dense source; pass --base DENSE (the dense model the MoE came from)"
-                )
-            return
-        self.checkpoint = open_checkpoint(base)
-        self.description = self.checkpoint.name
+                self.checkpoint = open_checkpoint(recorded)
+                if self._mismatch(moe):  # e.g. granular experts narrower than the dense FFN they came from
+                    self.checkpoint = None
+        if self.checkpoint is None and method == "ties":
+            raise UpcycleError(
+                f"--method ties needs a base FFN to measure task vectors from and {moe.name} records no local "
+                "dense source of the experts' width; pass --base DENSE (the dense model the MoE came from)"
+            )
+        if self.checkpoint is not None:
+            self.description = self.checkpoint.name
+
+    def _mismatch(self, moe: MoESource) -> str | None:
+        """Return why the base checkpoint cannot serve as the experts' base FFN, or None if it can."""
         names = moe.family.dense_mlp
         for layer in moe.moe_layers:
             for template, shape in (
@@ -118,12 +126,13 @@ class _Base:
             ):
                 name = template.format(layer=layer)
                 if name not in self.checkpoint.tensors:
-                    raise UpcycleError(f"--base {base} has no {name}; give the dense model the MoE was upcycled from")
+                    return f"no tensor {name}"
                 if self.checkpoint.tensors.shape(name) != shape:
-                    raise UpcycleError(
-                        f"--base {base}: {name} has shape {self.checkpoint.tensors.shape(name)}, the experts "
-                        f"{shape}; task vectors need a base FFN as wide as one expert"
+                    return (
+                        f"{name} has shape {self.checkpoint.tensors.shape(name)} but the experts {shape}; "
+                        "task vectors need a base FFN as wide as one expert"
                     )
+        return None
 
     def projections(self, moe: MoESource, layer: int, stacks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Return the base gate/up/down of `layer`."""
