@@ -229,11 +229,13 @@ def write_report(results: dict, out_dir: Path) -> Path:
         f"file's path: {results['corpus']['documents']} files, {results['corpus']['characters']} characters per split.",
         f"- Dense model: Llama, {settings['layers']} layers, hidden {settings['hidden_size']}, FFN "
         f"{settings['intermediate_size']}, {settings['heads']} heads, BPE vocabulary {settings['vocab_size']} (tied "
-        f"embeddings), pretrained {results['pretrain']['tokens']} tokens (held-out loss "
+        f"embeddings), pretrained {results['pretrain']['tokens']} tokens, lr {settings['pretrain_lr']} cosine "
+        f"(held-out loss "
         f"{results['dense_pretrained_loss']:.4f}).",
         f"- Continuation: {settings['continue_steps']} steps x {settings['batch_size']} x {settings['seq_len']} "
         "tokens, "
-        f"AdamW lr {settings['continue_lr']}, cosine with {settings['warmup_steps']} warmup steps, weight decay 0.1, "
+        f"AdamW lr {settings['continue_lr']} held constant after {settings['warmup_steps']} warmup steps, weight decay "
+        "0.1, "
         f"eval every {settings['eval_every']} steps on {settings['eval_batches']} x {settings['batch_size']} held-out "
         f"blocks; MoEs: {settings['experts']} experts top-{settings['top_k']}, router aux loss "
         f"{settings['aux_loss_coef']}; Drop-Upcycling ratio {settings['drop_ratio']}; granular: granularity "
@@ -252,9 +254,10 @@ def write_report(results: dict, out_dir: Path) -> Path:
         "Columns: *at start* is the held-out loss of the continuation's starting checkpoint (copy upcycling and "
         "MoPE start exactly at the dense model; drop and granular do not); *at end* is after the full token "
         "budget; *vs dense* is the difference of means at equal tokens (negative = better); *loss at dense's FLOPs* "
-        "is each run's curve interpolated at the FLOPs dense continuation spent (for the MoEs a point in the middle "
-        "of their schedule, not yet annealed; `-` where a run never reached it). The `dense-flops` row is the "
-        "annealed equal-FLOPs comparison: a dense run with as many training FLOPs as the upcycled MoEs.",
+        "is each run's curve interpolated at the FLOPs dense continuation spent on the common token budget (`-` "
+        "where a run never reached it). The `dense-flops` row is the equal-FLOPs comparison: the same dense run, "
+        "continued until it had spent as many training FLOPs as the most expensive upcycled MoE (the LR is constant "
+        "after warmup, so the `dense` row is exactly this run's curve at the common token budget).",
         "",
         f"![held-out loss vs tokens and FLOPs]({PLOT})",
         "",

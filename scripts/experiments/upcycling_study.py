@@ -52,13 +52,13 @@ class StudySettings:
     kv_heads: int = 4
     seq_len: int = 128
     batch_size: int = 16
-    pretrain_steps: int = 300
+    pretrain_steps: int = 80
     pretrain_lr: float = 3e-3
-    continue_steps: int = 80
+    continue_steps: int = 24
     continue_lr: float = 1e-3
-    warmup_steps: int = 10
-    eval_every: int = 16
-    eval_batches: int = 8
+    warmup_steps: int = 2
+    eval_every: int = 4
+    eval_batches: int = 4
     seeds: tuple[int, ...] = (1, 2)
     experts: int = 8
     top_k: int = 2
@@ -119,7 +119,7 @@ def recipe_config(settings: StudySettings, corpus) -> dict:
             "seed": settings.seeds[0],
             "lr": settings.continue_lr,
             "weight_decay": 0.1,
-            "lr_scheduler": "cosine",
+            "lr_scheduler": "constant_with_warmup",
             "warmup_steps": settings.warmup_steps,
             "max_steps": settings.continue_steps,
             "per_device_batch_size": settings.batch_size,
@@ -170,10 +170,19 @@ def build_dense_init(folder: Path, settings: StudySettings, tokenizer) -> Path:
     return folder
 
 
-def curve_of(run, params, settings: StudySettings, init_loss: float | None) -> Curve:
-    """Return the held-out loss curve of a recipe run against continuation tokens and FLOPs; `init_loss`
-    is the step-0 point when the recipe did not evaluate before its first step."""
+def curve_of(run, params, settings: StudySettings, init_loss: float | None, max_tokens: int | None = None) -> Curve:
+    """Return the held-out loss curve of a recipe run against continuation tokens and FLOPs, up to
+    `max_tokens` if given; `init_loss` is the step-0 point when the recipe did not evaluate at step 0.
+
+    Raises:
+        RuntimeError: `max_tokens` falls between two evaluations (the curve would end off its budget).
+    """
     points = [(record["step"], record["eval_loss"]) for record in run.eval_records]
+    if max_tokens is not None:
+        steps = max_tokens // settings.tokens_per_step()
+        if steps not in {step for step, _ in points}:
+            raise RuntimeError(f"{run.output_dir} has no evaluation at step {steps}; make eval_every divide it")
+        points = [(step, loss) for step, loss in points if step <= steps]
     if init_loss is not None and (not points or points[0][0] != 0):
         points.insert(0, (0, init_loss))
     steps = [step for step, _ in points]
@@ -246,6 +255,7 @@ def run_study(
             f"data.train={corpus.files['pretrain']}",
             f"train.max_steps={settings.pretrain_steps}",
             f"train.lr={settings.pretrain_lr}",
+            "train.lr_scheduler=cosine",
             f"train.warmup_steps={max(settings.warmup_steps, settings.pretrain_steps // 20)}",
             "train.seed=0",
             f"eval.every_steps={max(settings.eval_every, settings.pretrain_steps // 5)}",
@@ -263,8 +273,19 @@ def run_study(
     runs: dict[str, dict[int, dict]] = {}
     merge_details: dict[int, list[dict]] = {}
 
-    def record(method: str, seed: int, run, init_loss: float | None, extra: dict | None = None) -> None:
-        curve = curve_of(run, params[method.split("+")[0]], settings, init_loss)
+    def convert(method: str, seed: int) -> Path:
+        folder = work / f"s{seed}-{method}-init"
+        argv = ["convert", str(dense), str(folder), "--experts", str(settings.experts), "--top-k", str(settings.top_k)]
+        argv += ["--method", method, "--seed", str(seed), "--force", "--quiet"]
+        if method == "drop":
+            argv += ["--drop-ratio", str(settings.drop_ratio)]
+        if method == "granular":
+            argv += ["--granularity", str(settings.granularity)]
+        cli(argv)
+        return folder
+
+    def record(method: str, seed: int, run, init_loss: float | None, max_tokens: int | None = None) -> None:
+        curve = curve_of(run, params[method], settings, init_loss, max_tokens)
         runs.setdefault(method, {})[seed] = {
             "curve": asdict(curve),
             "tokens": curve.tokens[-1],
@@ -273,7 +294,6 @@ def run_study(
             "init_loss": curve.losses[0] if curve.tokens[0] == 0 else None,
             "wall_seconds": run.wall_seconds,
             "command": relative(shlex.join(run.command)),
-            **(extra or {}),
         }
 
     def results_so_far() -> dict:
@@ -302,38 +322,26 @@ def run_study(
         }
 
     # 3. Continuations, seed by seed. ---------------------------------------------------------------
+    # The continuation LR is constant after warmup, so a run's loss after N tokens does not depend on
+    # how long it goes on: one dense run, long enough to spend as many FLOPs as the upcycled MoEs,
+    # gives both dense continuation at equal tokens (its curve at the common budget) and at equal FLOPs.
     for seed in settings.seeds:
         common = [f"train.seed={seed}"]
+        converted = {method: convert(method, seed) for method in UPCYCLED if method in methods}
+        for method, folder in converted.items():
+            params.setdefault(method, checkpoint_parameters(str(folder)))
         if "dense" in methods:
-            record("dense", seed, recipe(f"s{seed}-dense", [f"model.path={dense}", *common]), dense_loss)
-        for method in UPCYCLED:
-            if method not in methods:
-                continue
-            converted = work / f"s{seed}-{method}-init"
-            convert_argv = [
-                "convert",
-                str(dense),
-                str(converted),
-                "--experts",
-                str(settings.experts),
-                "--top-k",
-                str(settings.top_k),
-                "--method",
-                method,
-                "--seed",
-                str(seed),
-                "--force",
-                "--quiet",
-            ]
-            if method == "drop":
-                convert_argv += ["--drop-ratio", str(settings.drop_ratio)]
-            if method == "granular":
-                convert_argv += ["--granularity", str(settings.granularity)]
-            cli(convert_argv)
-            params.setdefault(method, checkpoint_parameters(str(converted)))
+            sparse = [params[method].training_flops_per_token() for method in converted] or [0.0]
+            ratio = max(1.0, max(sparse) / params["dense"].training_flops_per_token())
+            steps = math.ceil(settings.continue_steps * ratio)
+            run = recipe(f"s{seed}-dense", [f"model.path={dense}", f"train.max_steps={steps}", *common])
+            params["dense-flops"] = params["dense"]
+            record("dense", seed, run, dense_loss, max_tokens=settings.continue_steps * settings.tokens_per_step())
+            if ratio > 1.0:
+                record("dense-flops", seed, run, dense_loss)
+        for method, folder in converted.items():
             run = recipe(
-                f"s{seed}-{method}",
-                [f"model.path={converted}", f"moe.aux_loss_coef={settings.aux_loss_coef}", *common],
+                f"s{seed}-{method}", [f"model.path={folder}", f"moe.aux_loss_coef={settings.aux_loss_coef}", *common]
             )
             record(method, seed, run, None)  # the recipe evaluates at step 0
             if method == "copy" and "merged" in methods:
@@ -360,21 +368,6 @@ def run_study(
                 ],
             )
             record("mope", seed, run, dense_loss)  # LoRA B starts at zero: MoPE at init is the dense model
-        if "dense-flops" in methods and "copy" in params:
-            # As many training FLOPs as the copy-upcycled MoE gets, spent on more dense tokens.
-            ratio = params["copy"].training_flops_per_token() / params["dense"].training_flops_per_token()
-            steps = round(settings.continue_steps * ratio)
-            run = recipe(
-                f"s{seed}-dense-flops",
-                [
-                    f"model.path={dense}",
-                    f"train.max_steps={steps}",
-                    f"eval.every_steps={max(1, round(settings.eval_every * ratio))}",
-                    *common,
-                ],
-            )
-            params["dense-flops"] = params["dense"]
-            record("dense-flops", seed, run, dense_loss)
 
         write_report(results_so_far(), out_dir)  # a seed's results survive a later crash
         log(f"seed {seed} done; report written to {out_dir}")
@@ -421,7 +414,7 @@ def merge_back(moe: Path, work: Path, seed: int, settings, cli, heldout, picker,
     return rows
 
 
-METHODS = ("dense", "copy", "drop", "granular", "mope", "merged", "dense-flops")
+METHODS = ("dense", "copy", "drop", "granular", "mope", "merged")
 
 
 def main(argv: list[str] | None = None) -> dict:
