@@ -53,9 +53,10 @@ def test_directory_without_config(tmp_path, capsys):
     assert_refused(code, err, tmp_path / "out", "no config.json")
 
 
-def test_unsupported_model_type_lists_supported_pairs(tmp_path, capsys):
+def test_stock_target_for_unsupported_model_type_lists_supported_pairs(tmp_path, capsys):
+    # `--target auto` falls back to the generic format for such a model; a stock target is refused.
     source = make_dense(tmp_path / "gpt2", "gpt2", vocab_size=50, n_embd=16, n_layer=1, n_head=2)
-    code, err = run_cli([str(source), str(tmp_path / "out")], capsys)
+    code, err = run_cli([str(source), str(tmp_path / "out"), "--target", "mixtral"], capsys)
     assert_refused(code, err, tmp_path / "out", "'gpt2'", "llama->mixtral", "olmo2->flex_olmo")
 
 
@@ -70,7 +71,7 @@ def test_llama_with_attention_bias_cannot_be_mixtral(tmp_path, capsys):
         vocab_size=20,
         attention_bias=True,
     )
-    code, err = run_cli([str(source), str(tmp_path / "out")], capsys)
+    code, err = run_cli([str(source), str(tmp_path / "out"), "--target", "mixtral"], capsys)
     assert_refused(code, err, tmp_path / "out", "attention_bias=True", "mixtral")
 
 
