@@ -62,7 +62,7 @@ from upcycle.training.model import (
     parameter_counts,
     upcycle_model,
 )
-from upcycle.training.save import export_mope_to_moe, merge_to_dense, push_final, save_final
+from upcycle.training.save import check_push_token, export_mope_to_moe, merge_to_dense, push_final, save_final
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -88,6 +88,7 @@ def train(args: argparse.Namespace) -> None:
     check_data_sources(config.data)
     facts = model_facts(config)
     check_mode_fits(config, facts)
+    check_push_token(config.output.push_to_hub)
     output_dir = Path(config.output.dir)
     resume_from = find_resume_checkpoint(output_dir, args.resume) if args.resume else None
     if resume_from is None:
@@ -119,7 +120,7 @@ def train(args: argparse.Namespace) -> None:
             accelerator.print(f"removed {len(removed)} incomplete checkpoint(s) left by a killed save")
     accelerator.wait_for_everyone()
 
-    # 2. Model: convert on the fly if asked (main process first: the others reuse its output). ---
+    # 2. Model: converted on the fly if asked (by the main process; the others load its output). --
     source = config.model.path
     if config.model.upcycle is not None:
         source = output_dir / "upcycled"

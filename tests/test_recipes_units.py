@@ -42,6 +42,7 @@ def tokenizer():
             ["model.upcycle=null", "model.mode=lora", "model.lora.target_parameters=[mlp.experts.down_proj]"],
             "model.lora.target_parameters: fused expert parameters exist only in MoE models",
         ),
+        (["model.path=/nowhere/model"], "model.path: directory /nowhere/model does not exist"),
         (["train.mixed_precision=fp8"], "train.mixed_precision: 'fp8' is not one of no, fp16, bf16"),
     ],
 )
@@ -200,3 +201,12 @@ def test_every_shipped_config_opens_with_its_command_and_validates(path):
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("# accelerate launch ") and f"recipes/configs/{path.name}" in first_line
     load_config(path)
+
+
+def test_push_to_hub_without_a_token_fails_before_training(finetune_main, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)  # neither HF_TOKEN nor a stored login
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_main([str(SMOKE), "-o", f"output.dir={tmp_path / 'run'}", "-o", "output.push_to_hub=me/model"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("finetune: error: output.push_to_hub: pushing to me/model needs a token")
+    assert not (tmp_path / "run").exists()

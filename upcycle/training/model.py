@@ -34,6 +34,10 @@ class ModelFacts:
 def _auto_config(path: str, revision: str | None, trust_remote_code: bool):
     from transformers import AutoConfig
 
+    from upcycle.checkpoint import looks_like_hub_id
+
+    if not Path(path).exists() and not looks_like_hub_id(path):
+        raise ConfigError(f"model.path: directory {path} does not exist (and is not a Hub model id)")
     try:
         return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -201,7 +205,9 @@ def load_tokenizer(config: RecipeConfig, model_path: str | Path):
     source = config.model.tokenizer or config.model.path
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            source, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code
+            source,
+            revision=None if config.model.tokenizer else config.model.revision,
+            trust_remote_code=config.model.trust_remote_code,
         )
     except (OSError, ValueError, TypeError) as err:
         key = "model.tokenizer" if config.model.tokenizer else "model.path"

@@ -77,6 +77,23 @@ def merge_to_dense(accelerator, final: Path, directory: Path, options: dict) -> 
     return path
 
 
+def check_push_token(repo_id: str | None) -> None:
+    """Fail before training, not after it, when ``output.push_to_hub`` is set but no token is available.
+
+    Raises:
+        ConfigError: naming ``output.push_to_hub``.
+    """
+    if not repo_id:
+        return
+    from huggingface_hub import get_token
+
+    if not get_token():
+        raise ConfigError(
+            f"output.push_to_hub: pushing to {repo_id} needs a token with write access; set HF_TOKEN or run "
+            "`hf auth login`, or remove the key"
+        )
+
+
 def push_final(accelerator, directory: Path, repo_id: str, private: bool) -> str | None:
     """Upload `directory` to the Hub model repo `repo_id` from the main process; return the commit URL.
 
