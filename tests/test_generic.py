@@ -25,6 +25,8 @@ CASES = {
     "phi3-fused-gate-up": ("phi3", dict(SMALL, pad_token_id=0), AutoModelForCausalLM),
     "gemma": ("gemma", dict(SMALL, num_key_value_heads=2, head_dim=8), AutoModelForCausalLM),
     "bert-encoder": ("bert", SMALL, AutoModelForMaskedLM),
+    # transformers renames GPT-NeoX's lm_head to embed_out on save for the stock class only.
+    "gpt-neox-renamed-head": ("gpt_neox", dict(SMALL, rotary_pct=1.0), AutoModelForCausalLM),
 }
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from upcycle import __version__
-from upcycle.card import UPCYCLE_LIMITATIONS, CardFacts, write_card
+from upcycle.card import EXACT_LIMITATION, UPCYCLE_LIMITATIONS, CardFacts, write_card
 from upcycle.checkpoint import (
     CONFIG_FILE,
     GENERATION_CONFIG,
@@ -180,7 +180,9 @@ def convert_generic(
     )
     with atomic_output_dir(output, force) as temporary:
         with progress_bars(not quiet):
-            model.save_pretrained(temporary)
+            # Module names as they are in memory: transformers skips its legacy key renames (GPT-NeoX
+            # `lm_head` saved as `embed_out`) when it loads custom classes, so it must not apply them here.
+            model.save_pretrained(temporary, save_original_format=False)
         config_path = temporary / CONFIG_FILE
         saved = json.loads(config_path.read_text())
         saved["upcycle"] = section
@@ -242,7 +244,7 @@ def _write_card(directory: Path, summary, classes: dict[str, str], replaced: lis
         total_parameters=summary.total_parameters,
         active_parameters=summary.active_parameters,
         settings={key: value for key, value in summary.settings.items() if value not in ({}, None)},
-        limitations=UPCYCLE_LIMITATIONS,
+        limitations=(EXACT_LIMITATION, *UPCYCLE_LIMITATIONS),
         usage=usage,
         pipeline_tag="text-generation" if auto == "AutoModelForCausalLM" else "feature-extraction",
     )

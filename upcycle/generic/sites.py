@@ -41,7 +41,7 @@ _DECODER_MLP = FFNSite(r"(^|\.)layers\.\d+\.mlp$")
 _BERT_LIKE = FFNSite(r"(^|\.)layer\.\d+\.intermediate$", down="output.dense")
 
 # model_type -> site. Llama-likes, Gemma, Phi (fc1/fc2) and Phi-3 (fused gate_up) all keep their
-# FFN at `model.layers.N.mlp`; GPT-2 at `transformer.h.N.mlp`; BERT-likes and ViT split it.
+# FFN at `model.layers.N.mlp` (ViT at `vit.layers.N.mlp`); GPT-2 at `transformer.h.N.mlp`; BERT-likes split it.
 FFN_SITES: dict[str, FFNSite] = {
     **{
         model_type: _DECODER_MLP
@@ -69,7 +69,7 @@ FFN_SITES: dict[str, FFNSite] = {
     "roberta": _BERT_LIKE,
     "xlm-roberta": _BERT_LIKE,
     "electra": _BERT_LIKE,
-    "vit": _BERT_LIKE,
+    "vit": _DECODER_MLP,  # transformers 5 ViT: vit.layers.N.mlp (fc1/fc2)
 }
 
 # Attribute names of the activation on BERT-style `intermediate` modules.
