@@ -147,3 +147,17 @@ def test_cli_refuses_an_adapter_that_is_not_mope(tmp_path, capsys):
     code = upcycle_main(["convert", str(base_dir), str(tmp_path / "moe"), "--from-mope", str(tmp_path / "lora")])
     assert code == 2 and "holds a LORA adapter, not MoPE" in capsys.readouterr().err
     assert not (tmp_path / "moe").exists()
+
+
+@pytest.mark.parametrize(
+    ("model_type", "fields", "message"),
+    [
+        ("gemma", {"head_dim": 8}, r"no exact stock MoE counterpart for model_type 'gemma'"),
+        ("llama", {"attention_bias": True}, r"llama with attention_bias=True cannot become mixtral"),
+    ],
+)
+def test_a_base_without_an_exact_stock_moe_twin_is_refused(model_type, fields, message, tmp_path):
+    base_dir = make_dense(tmp_path / "base", model_type, **fields)
+    with pytest.raises(mope.MoPEExportError, match=message):
+        mope.export(_adapted(base_dir), tmp_path / "moe")
+    assert not (tmp_path / "moe").exists() and _leftovers(tmp_path / "moe") == []
