@@ -27,10 +27,21 @@ BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
 UPCYCLE_URL = "https://pypi.org/project/upcycle/"
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
+METHOD_DESCRIPTIONS = {
+    "copy": "copying its FFN into each expert",
+    "drop": "copying its FFN into each expert and re-initialising part of each expert's neurons (Drop-Upcycling)",
+    "granular": "splitting its FFN into fine-grained expert shards (granular upcycling)",
+    "partition": "partitioning its FFN's neurons among the experts",
+}
+EXACT_LIMITATION = (
+    "It computes what its source computes (up to float rounding) until it is trained: it needs continued "
+    "pre-training or fine-tuning before the extra experts make it better than its source."
+)
+INEXACT_LIMITATION = (
+    "Its experts were perturbed or split at construction, so it does not compute what its source computes: "
+    "it must be trained (continued pre-training) before use."
+)
 UPCYCLE_LIMITATIONS = (
-    "Every expert starts as a copy of the dense FFN and the router is random, so this model computes what its "
-    "source computes (up to float rounding) until it is trained: it needs continued pre-training or "
-    "fine-tuning before the extra experts make it better than its source.",
     "It costs more memory than its source (all experts are stored) for the same quality until trained.",
     "Biases, safety behaviour and knowledge are those of the source model.",
 )
@@ -175,14 +186,18 @@ def convert_facts(
     source = summary.source
     calibration = str(summary.settings.get("calibration") or "")
     source_link = f"[{source}](https://huggingface.co/{source})" if is_hub_id(source) else f"`{source}`"
+    method = str(summary.settings.get("method", "copy"))
+    construction = METHOD_DESCRIPTIONS.get(method, f"the {method!r} expert construction")
+    router_init = str(summary.settings.get("router_init", "random"))
+    exact = bool(summary.settings.get("exact_at_init", method == "copy"))
     return CardFacts(
         title=Path(str(summary.output)).name,
         operation="upcycle",
         model_id=model_id or str(summary.output),
         summary=(
             f"A sparse Mixture-of-Experts ({summary.target_model_type}) upcycled from the dense {source_link} "
-            f"({summary.source_model_type}) by copying its FFN into {summary.num_experts} experts and adding a "
-            f"randomly initialised top-{summary.top_k} router ({summary.family}, {summary.layout} layout)."
+            f"({summary.source_model_type}) by {construction} ({summary.num_experts} experts) and adding a "
+            f"{router_init}-initialised top-{summary.top_k} router ({summary.family}, {summary.layout} layout)."
         ),
         base_models=[source],
         base_model_relation="finetune",
@@ -197,7 +212,7 @@ def convert_facts(
         total_parameters=summary.total_parameters,
         active_parameters=summary.active_parameters,
         settings=dict(summary.settings),
-        limitations=UPCYCLE_LIMITATIONS,
+        limitations=((EXACT_LIMITATION if exact else INEXACT_LIMITATION), *UPCYCLE_LIMITATIONS),
         has_tokenizer=has_tokenizer,
     )
 
