@@ -66,6 +66,7 @@ from upcycle.training.save import check_push_token, export_mope_to_moe, merge_to
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Return the command line: the config path, ``--override`` items and ``--resume``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="recipe YAML (recipes/configs/*.yaml)")
     parser.add_argument(
@@ -83,6 +84,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def train(args: argparse.Namespace) -> None:
+    """Run the recipe the parsed command line describes.
+
+    Raises:
+        UpcycleError: a config, data or model problem (before training where it can be detected).
+    """
     # 1. Setup: every check that can fail runs before any model is loaded or step is taken. -----
     config = load_config(args.config, args.override)
     check_data_sources(config.data)
@@ -338,6 +344,7 @@ def tracker_config(values: dict, prefix: str = "") -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point: a user mistake prints ``finetune: error: <key>: ...`` on one line and exits 2."""
     args = parse_args(argv)
     try:
         train(args)

@@ -64,6 +64,12 @@ class LoraSection:
 
 @dataclass
 class ModelSection:
+    """``model``: what to train. ``path`` (local dir or Hub id), ``revision``, ``tokenizer`` (default:
+    the model's), ``dtype`` of the loaded weights (keep float32 master weights with mixed precision),
+    ``mode`` (full, lora, mope, router_only, experts_only, pattern with ``trainable_patterns``),
+    ``upcycle`` (convert first), ``lora`` / ``mope`` (adapter options), ``gradient_checkpointing``,
+    ``attn_implementation``, ``trust_remote_code`` (off unless you ask)."""
+
     path: str = ""
     revision: str | None = None
     tokenizer: str | None = None
@@ -80,6 +86,11 @@ class ModelSection:
 
 @dataclass
 class DataSection:
+    """``data``: ``train`` / ``eval`` (local text/jsonl/json/parquet/csv file, directory or Hub id),
+    ``subset``, ``split``, ``eval_split`` or ``eval_fraction`` (held out of train), ``format`` (text:
+    packed when ``packing``; prompt_completion; chat), the field names, ``seq_len``, ``max_samples``,
+    ``num_proc`` for tokenization."""
+
     train: str = ""
     eval: str | None = None
     eval_fraction: float = 0.05
@@ -109,6 +120,11 @@ class MoESection:
 
 @dataclass
 class TrainSection:
+    """``train``: AdamW (``lr``, ``weight_decay``, betas, epsilon), ``lr_scheduler`` with
+    ``warmup_steps`` or ``warmup_ratio``, length (``max_steps`` or ``epochs``), batch
+    (``per_device_batch_size`` x processes x ``gradient_accumulation_steps``), ``max_grad_norm``
+    (null: no clipping), ``mixed_precision``, ``seed``."""
+
     seed: int = 0
     lr: float = 2e-5
     weight_decay: float = 0.0
@@ -128,6 +144,9 @@ class TrainSection:
 
 @dataclass
 class EvalSection:
+    """``eval``: perplexity every ``every_steps`` (0: only at the end), ``at_start``, ``batch_size``,
+    ``max_examples`` of the eval set."""
+
     every_steps: int = 0
     at_start: bool = True
     batch_size: int | None = None
@@ -136,12 +155,17 @@ class EvalSection:
 
 @dataclass
 class CheckpointSection:
+    """``checkpoint``: ``save_state`` every ``every_steps`` (0: never), keeping ``total_limit``."""
+
     every_steps: int = 0
     total_limit: int | None = 3
 
 
 @dataclass
 class LoggingSection:
+    """``logging``: a record every ``every_steps`` to metrics.jsonl and the ``report_to`` trackers
+    (tensorboard, wandb; [] for none) under ``project`` / ``run_name``; ``router_metrics``."""
+
     every_steps: int = 10
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     project: str = "upcycle"
@@ -151,6 +175,9 @@ class LoggingSection:
 
 @dataclass
 class OutputSection:
+    """``output``: ``dir`` (checkpoints, logs, final), ``overwrite`` an earlier run, ``export`` (moe:
+    MoPE -> Mixtral; dense: `upcycle.merge` with ``merge`` options), ``push_to_hub`` repo id, ``private``."""
+
     dir: str = ""
     overwrite: bool = False
     export: str = field(default="none", metadata=_choices(*EXPORTS))
@@ -162,6 +189,8 @@ class OutputSection:
 
 @dataclass
 class RecipeConfig:
+    """The whole recipe: one dataclass per YAML section."""
+
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     moe: MoESection = field(default_factory=MoESection)
