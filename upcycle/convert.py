@@ -594,6 +594,7 @@ def convert(
             quiet=quiet,
             revision=revision,
             command=command,
+            card_model_id=card_model_id,
         )
     source_config = normalized_source_config(checkpoint.config)
     family = find_family(source_config, target)

@@ -91,6 +91,7 @@ def convert_generic(
     quiet: bool = False,
     revision: str | None = None,
     command: str | None = None,
+    card_model_id: str | None = None,
 ):
     """Upcycle any Hugging Face model at ``source`` into the generic MoE format at ``output``.
 
@@ -103,6 +104,8 @@ def convert_generic(
     Args:
         block_options: further `MoE` arguments (``capacity_factor``, ``num_shared_experts``...).
         ffn_pattern: a regex over module names that overrides the family table.
+        card_model_id: what the model card's usage snippet loads (the Hub repo it will be pushed to);
+            default ``output``.
 
     Returns:
         A `upcycle.convert.ConvertSummary` with family ``"generic"``.
@@ -193,7 +196,7 @@ def convert_generic(
         for file_name in (*TOKENIZER_FILES, GENERATION_CONFIG):
             if (directory / file_name).is_file() and not (temporary / file_name).is_file():
                 shutil.copyfile(directory / file_name, temporary / file_name)
-        _write_card(temporary, summary, classes, replaced, command)
+        _write_card(temporary, summary, classes, replaced, command, card_model_id or str(output))
     if not quiet:
         print(f"upcycled {len(replaced)} FFNs ({replaced[0]}, ...) into MoE blocks with {experts} experts")
     return summary
@@ -214,21 +217,23 @@ def progress_bars(enabled: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _write_card(directory: Path, summary, classes: dict[str, str], replaced: list[str], command: str | None) -> None:
+def _write_card(
+    directory: Path, summary, classes: dict[str, str], replaced: list[str], command: str | None, model_id: str
+) -> None:
     auto = next(iter(classes))
     usage = "\n".join(
         [
             f"from transformers import {auto}",
             "import upcycle",
             "",
-            f'model = {auto}.from_pretrained("{directory.name}", trust_remote_code=True)  # needs pip install upcycle',
-            f'model = upcycle.load("{directory.name}")  # the same model, without remote code',
+            f'model = {auto}.from_pretrained("{model_id}", trust_remote_code=True)  # needs pip install upcycle',
+            f'model = upcycle.load("{model_id}")  # the same model, without remote code',
         ]
     )
     facts = CardFacts(
         title=Path(str(summary.output)).name,
         operation="upcycle",
-        model_id=str(summary.output),
+        model_id=model_id,
         summary=(
             f"A sparse Mixture-of-Experts upcycled from `{summary.source}` ({summary.source_model_type}) in upcycle's "
             f"generic format: each of its {len(replaced)} FFNs (`{replaced[0]}`, ...) is an upcycle MoE block of "
