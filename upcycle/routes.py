@@ -43,7 +43,8 @@ class LayerRouting:
     """Routing statistics of one MoE layer.
 
     Attributes:
-        name: the MoE module's name (generic) or ``layer N`` (stock).
+        name: the MoE module's name (generic) or ``MoE layer N``, the N-th layer returning router
+            logits (stock).
         num_experts, top_k: E and k.
         tokens: non-padding tokens seen.
         expert_counts: (token, expert) assignments per expert.
@@ -184,7 +185,7 @@ def _stock_layers(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[tupl
     for layer, logits in enumerate(router_logits):
         probs = torch.softmax(logits.float(), dim=-1)
         weights, indices = probs.topk(top_k, dim=-1)
-        layers.append((f"layer {layer}", _shaped(probs, indices, weights, None, batch_size, seq_len)))
+        layers.append((f"MoE layer {layer}", _shaped(probs, indices, weights, None, batch_size, seq_len)))
     return layers
 
 
@@ -261,9 +262,10 @@ def analyze_routing(
     kind = "generic" if blocks else "stock"
     vocab_size = int(model.get_input_embeddings().num_embeddings)
     accumulators: dict[str, _LayerAccumulator] = {}
+    device = next(model.parameters()).device
     model.eval()
     for batch in tqdm(batches, desc="routing", unit="batch", disable=quiet):
-        batch = {key: batch[key] for key in ("input_ids", "attention_mask")}
+        batch = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
         layers = _generic_layers(model, blocks, batch) if blocks else _stock_layers(model, batch)
         seq_len = batch["input_ids"].shape[1]
         if seq_len > max_length:
@@ -278,8 +280,8 @@ def analyze_routing(
                 routing["indices"],
                 routing["weights"],
                 routing["selected"],
-                batch["attention_mask"],
-                batch["input_ids"],
+                batch["attention_mask"].cpu(),
+                batch["input_ids"].cpu(),
                 buckets,
                 capacity_factor,
             )
