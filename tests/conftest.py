@@ -17,10 +17,7 @@ from tiny_models import DENSE_CASES, make_dense  # noqa: E402
 def dense_models(tmp_path_factory) -> dict[str, Path]:
     """Every tiny dense case, saved once per test session."""
     root = tmp_path_factory.mktemp("dense")
-    return {
-        name: make_dense(root / name, model_type, **fields)
-        for name, (model_type, fields) in DENSE_CASES.items()
-    }
+    return {name: make_dense(root / name, model_type, **fields) for name, (model_type, fields) in DENSE_CASES.items()}
 
 
 @pytest.fixture

@@ -122,9 +122,7 @@ class _RunsCode:
 def test_pickle_that_would_run_code_is_refused(llama, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (llama / "model.safetensors").unlink()
-    torch.save(
-        {"model.embed_tokens.weight": torch.zeros(2), "payload": _RunsCode()}, llama / "pytorch_model.bin"
-    )
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "payload": _RunsCode()}, llama / "pytorch_model.bin")
     code, err = run_cli([str(llama), str(tmp_path / "out")], capsys)
     assert_refused(code, err, tmp_path / "out", "refusing to load", "weights-only")
     assert not (tmp_path / "PWNED").exists()
@@ -137,9 +135,7 @@ def test_plain_pytorch_bin_checkpoint_converts(llama, tmp_path, input_ids):
     state = load_file(llama / "model.safetensors")
     (llama / "model.safetensors").unlink()
     torch.save(state, llama / "pytorch_model.bin")
-    assert (
-        main(["convert", str(llama), str(tmp_path / "out"), "--quiet", "--experts", "2", "--top-k", "1"]) == 0
-    )
+    assert main(["convert", str(llama), str(tmp_path / "out"), "--quiet", "--experts", "2", "--top-k", "1"]) == 0
     reference = tmp_path / "reference"
     shutil.copytree(llama, reference)
     assert (logits(tmp_path / "out", input_ids) - logits(reference, input_ids)).abs().max() <= 1e-5

@@ -19,9 +19,7 @@ CASES = [
 
 
 @pytest.mark.parametrize(("case", "layout"), CASES, ids=[f"{c}-{layout}" for c, layout in CASES])
-def test_upcycled_model_matches_dense_logits_after_stock_reload(
-    dense_models, tmp_path, input_ids, case, layout
-):
+def test_upcycled_model_matches_dense_logits_after_stock_reload(dense_models, tmp_path, input_ids, case, layout):
     source = dense_models[case]
     summary = convert(source, tmp_path / "moe", experts=4, top_k=2, layout=layout, quiet=True)
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
@@ -117,9 +115,7 @@ def test_dtype_option_casts_floating_tensors(dense_models, tmp_path):
 
 
 def test_sharded_output_has_index_and_loads(dense_models, tmp_path, input_ids):
-    convert(
-        dense_models["llama-gqa"], tmp_path / "moe", experts=4, top_k=2, max_shard_size="20KB", quiet=True
-    )
+    convert(dense_models["llama-gqa"], tmp_path / "moe", experts=4, top_k=2, max_shard_size="20KB", quiet=True)
     index = json.loads((tmp_path / "moe" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     diff = (logits(tmp_path / "moe", input_ids) - logits(dense_models["llama-gqa"], input_ids)).abs().max()

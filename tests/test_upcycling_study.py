@@ -72,9 +72,9 @@ def _results(tmp_path: Path) -> dict:
     return {
         "settings": {
             "seeds": [1], "layers": 1, "hidden_size": 8, "intermediate_size": 16, "heads": 1, "vocab_size": 50,
-            "continue_steps": 1, "batch_size": 1, "seq_len": 100, "continue_lr": 1e-3, "warmup_steps": 0,
-            "eval_every": 1, "eval_batches": 1, "experts": 8, "top_k": 2, "aux_loss_coef": 0.01, "drop_ratio": 0.5,
-            "granularity": 2, "mope": {}, "selection_documents": 1,
+            "continue_steps": 1, "batch_size": 1, "seq_len": 100, "continue_lr": 1e-3, "pretrain_lr": 3e-3,
+            "warmup_steps": 0, "eval_every": 1, "eval_batches": 1, "experts": 8, "top_k": 2, "aux_loss_coef": 0.01,
+            "drop_ratio": 0.5, "granularity": 2, "mope": {}, "selection_documents": 1,
         },
         "runs": {"dense": {1: run}},
         "parameters": {"dense": {"total": 10, "active": 1, "trainable_active": 1}},
@@ -105,7 +105,9 @@ def _table_rows(markdown: str) -> dict[str, list[str]]:
     return {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows}
 
 
-def test_quick_study_runs_every_step_through_the_recipe_and_cli_and_writes_a_finite_table(tmp_path):
+def test_quick_study_trains_through_the_recipe_converts_and_merges_through_the_cli_and_writes_a_finite_table(
+    tmp_path,
+):
     out, work = tmp_path / "results", tmp_path / "work"
     command = [
         sys.executable, "scripts/experiments/upcycling_study.py", "--quick", "--methods", "dense", "copy", "merged",
@@ -118,7 +120,7 @@ def test_quick_study_runs_every_step_through_the_recipe_and_cli_and_writes_a_fin
     markdown = (out / "upcycling_study.md").read_text()
     assert (out / "upcycling_study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = _table_rows(markdown)
-    assert set(rows) == {"dense", "copy", "merged"}
+    assert set(rows) == {"dense", "copy", "merged", "dense-flops"}
     for method, cells in rows.items():
         numbers = [float(x) for cell in cells for x in re.findall(r"[-+]?\d+\.?\d*(?:e[-+]?\d+)?", cell)]
         assert numbers and all(math.isfinite(x) for x in numbers), (method, cells)
@@ -135,4 +137,7 @@ def test_quick_study_runs_every_step_through_the_recipe_and_cli_and_writes_a_fin
     (dense,), (copy,) = runs["dense"].values(), runs["copy"].values()
     assert dense["curve"]["eval_tokens"] == copy["curve"]["eval_tokens"] > 0
     assert copy["init_loss"] == pytest.approx(dense["init_loss"], abs=1e-5)
+    # Equal FLOPs: the dense run went on past the common budget until it had spent the MoE's FLOPs.
     assert runs["copy"]["1"]["flops"] > runs["dense"]["1"]["flops"]
+    assert runs["dense-flops"]["1"]["flops"] >= runs["copy"]["1"]["flops"]
+    assert runs["dense-flops"]["1"]["tokens"] > budget

@@ -48,9 +48,7 @@ MAKE_DENSE = textwrap.dedent(
 
 def measure(command: list[str]) -> dict:
     """Run `command` and return its exit code, wall seconds and peak RSS in MiB."""
-    result = subprocess.run(
-        [sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, check=True
-    )
+    result = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, check=True)
     return json.loads(result.stdout)
 
 
@@ -61,9 +59,7 @@ def mergekit_config(dense: Path, experts: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mergekit-moe", default=shutil.which("mergekit-moe"), help="path to mergekit-moe")
     parser.add_argument("--workdir", default=None, help="where to put the checkpoints (default: a temp dir)")
     parser.add_argument("--experts", type=int, default=4)

@@ -1,6 +1,6 @@
 """Does upcycling pay off? Dense continuation vs copy / Drop- / granular upcycling vs MoPE vs merged-back.
 
-    python scripts/experiments/upcycling_study.py            # the committed study (~30 min on 2 cores)
+    python scripts/experiments/upcycling_study.py            # the committed study (~40 min on 2 busy cores)
     python scripts/experiments/upcycling_study.py --quick    # a smoke run of every step (~1-2 min)
 
 1. Corpus: the Python standard library's sources, split by file into pretrain / continue / held-out.
@@ -31,6 +31,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# OpenMP threads that spin while waiting make every torch op crawl when the cores are shared
+# (measured: a 4-layer h64 Llama step took 18 s with 2 spinning threads, 0.2 s passive); it must be
+# set before torch loads OpenMP. Results do not depend on it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from study_data import train_tokenizer, write_corpus  # noqa: E402
 from study_flops import checkpoint_parameters  # noqa: E402
@@ -44,20 +48,20 @@ UPCYCLED = ("copy", "drop", "granular")
 class StudySettings:
     """Every size, budget and hyperparameter of one study (the defaults are the committed study)."""
 
-    vocab_size: int = 2048
-    hidden_size: int = 128
-    intermediate_size: int = 352
+    vocab_size: int = 1024
+    hidden_size: int = 64
+    intermediate_size: int = 176
     layers: int = 4
     heads: int = 4
     kv_heads: int = 4
     seq_len: int = 128
     batch_size: int = 16
-    pretrain_steps: int = 80
+    pretrain_steps: int = 300
     pretrain_lr: float = 3e-3
-    continue_steps: int = 24
+    continue_steps: int = 100
     continue_lr: float = 1e-3
-    warmup_steps: int = 2
-    eval_every: int = 4
+    warmup_steps: int = 5
+    eval_every: int = 20
     eval_batches: int = 4
     seeds: tuple[int, ...] = (1, 2)
     experts: int = 8
