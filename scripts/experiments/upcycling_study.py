@@ -48,21 +48,21 @@ UPCYCLED = ("copy", "drop", "granular")
 class StudySettings:
     """Every size, budget and hyperparameter of one study (the defaults are the committed study)."""
 
-    vocab_size: int = 1024
-    hidden_size: int = 64
-    intermediate_size: int = 176
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    intermediate_size: int = 352
     layers: int = 4
     heads: int = 4
     kv_heads: int = 4
     seq_len: int = 128
-    batch_size: int = 16
-    pretrain_steps: int = 300
+    batch_size: int = 32
+    pretrain_steps: int = 400
     pretrain_lr: float = 3e-3
     continue_steps: int = 100
     continue_lr: float = 1e-3
     warmup_steps: int = 5
     eval_every: int = 20
-    eval_batches: int = 4
+    eval_batches: int = 8
     seeds: tuple[int, ...] = (1, 2)
     experts: int = 8
     top_k: int = 2
