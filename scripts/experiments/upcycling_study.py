@@ -1,6 +1,6 @@
 """Does upcycling pay off? Dense continuation vs copy / Drop- / granular upcycling vs MoPE vs merged-back.
 
-    python scripts/experiments/upcycling_study.py            # the committed study (~40 min on 2 busy cores)
+    python scripts/experiments/upcycling_study.py            # the committed study (~40 min on 2 cores)
     python scripts/experiments/upcycling_study.py --quick    # a smoke run of every step (~1-2 min)
 
 1. Corpus: the Python standard library's sources, split by file into pretrain / continue / held-out.
@@ -58,7 +58,7 @@ class StudySettings:
     batch_size: int = 32
     pretrain_steps: int = 400
     pretrain_lr: float = 3e-3
-    continue_steps: int = 100
+    continue_steps: int = 300
     continue_lr: float = 1e-3
     warmup_steps: int = 5
     eval_every: int = 20
