@@ -12,7 +12,6 @@ each and our/theirs ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -20,18 +19,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-# Runs a command as the only child of a small wrapper and reports the child's peak RSS.
-MEASURE = textwrap.dedent(
-    """
-    import json, resource, subprocess, sys, time
-    start = time.perf_counter()
-    code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wall = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(json.dumps({"code": code.returncode, "wall_s": wall, "peak_rss_mib": peak_kib / 1024,
-                      "stderr": code.stderr[-2000:]}))
-    """
-)
+from peak_rss import measure
 
 MAKE_DENSE = textwrap.dedent(
     """
@@ -44,12 +32,6 @@ MAKE_DENSE = textwrap.dedent(
     LlamaForCausalLM(config).save_pretrained(sys.argv[1])
     """
 )
-
-
-def measure(command: list[str]) -> dict:
-    """Run `command` and return its exit code, wall seconds and peak RSS in MiB."""
-    result = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, check=True)
-    return json.loads(result.stdout)
 
 
 def mergekit_config(dense: Path, experts: int) -> str:

@@ -14,24 +14,13 @@ layer's experts and of the whole model.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
 
-MEASURE = textwrap.dedent(
-    """
-    import json, resource, subprocess, sys, time
-    start = time.perf_counter()
-    code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wall = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(json.dumps({"code": code.returncode, "wall_s": wall, "peak_rss_mib": peak_kib / 1024,
-                      "stderr": code.stderr[-2000:]}))
-    """
-)
+from peak_rss import measure
 
 MAKE_MOE = textwrap.dedent(
     """
@@ -56,12 +45,6 @@ NAIVE = textwrap.dedent(
 )
 
 IMPORT = "import torch, transformers, upcycle, upcycle.merge"
-
-
-def measure(command: list[str]) -> dict:
-    """Run `command` and return its exit code, wall seconds and peak RSS in MiB."""
-    result = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, check=True)
-    return json.loads(result.stdout)
 
 
 def main() -> None:
