@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "scripts" / "experiments"))
 
 from study_data import SPLITS, split_of, stdlib_sources  # noqa: E402
 from study_flops import count_parameters  # noqa: E402
-from study_report import DISCUSSION_MARKER, interpolate, write_report  # noqa: E402
+from study_report import DISCUSSION_MARKER, findings, interpolate, write_report  # noqa: E402
 
 TINY = dict(
     vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -141,3 +141,31 @@ def test_quick_study_trains_through_the_recipe_converts_and_merges_through_the_c
     assert runs["copy"]["1"]["flops"] > runs["dense"]["1"]["flops"]
     assert runs["dense-flops"]["1"]["flops"] >= runs["copy"]["1"]["flops"]
     assert runs["dense-flops"]["1"]["tokens"] > budget
+
+    # --rewrite-report trains nothing and rebuilds the same report from the JSON.
+    (out / "upcycling_study.md").unlink()
+    rewrite = [sys.executable, "scripts/experiments/upcycling_study.py", "--rewrite-report", "--out-dir", str(out)]
+    result = subprocess.run(rewrite, cwd=REPO, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "upcycling_study.md").read_text() == markdown
+
+
+def test_findings_compare_equal_tokens_with_dense_and_equal_flops_with_the_flop_matched_run():
+    def row(method, finals, tokens, flops):
+        return {"method": method, "finals": finals, "tokens": tokens, "flops": flops}
+
+    rows = [
+        row("dense", [4.0, 4.2], 100, 600.0),
+        row("copy", [3.9, 3.95], 100, 900.0),
+        row("mope", [4.5, 4.6], 100, 500.0),
+        row("dense-flops", [3.8, 3.85], 150, 900.0),
+    ]
+    for r in rows:
+        r["delta"] = sum(r["finals"]) / 2 - 4.1
+    lines = findings(rows)
+    assert lines[0] == (
+        "- **copy**: equal tokens: -0.1750 nats vs dense (lower on every seed); equal FLOPs: +0.1000 nats vs the "
+        "FLOP-matched dense run (higher on every seed)."
+    )
+    assert lines[1] == "- **mope**: equal tokens: +0.4500 nats vs dense (higher on every seed)."  # FLOPs differ
+    assert lines[2] == "- **dense-flops**: 1.50x the tokens of `dense`: -0.2750 nats vs `dense` (lower on every seed)."

@@ -176,25 +176,43 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def _verdict(values: list[float], reference: list[float]) -> str:
+    """Return how `values` (one per seed) sit against `reference`'s: below all, above all, or overlapping."""
+    if max(values) < min(reference):
+        return "lower on every seed"
+    if min(values) > max(reference):
+        return "higher on every seed"
+    return "within the seed spread"
+
+
 def findings(rows: list[dict]) -> list[str]:
-    """Return one sentence per method comparing it with dense continuation, computed from the numbers."""
+    """Return one sentence per method comparing it with dense continuation at equal tokens and, where its
+    training FLOPs match the FLOP-matched dense run's (within 2%), at equal FLOPs; computed from the numbers."""
     by_method = {row["method"]: row for row in rows}
-    dense = by_method.get("dense")
+    dense, matched = by_method.get("dense"), by_method.get("dense-flops")
     if dense is None:
         return []
-    dense_low, dense_high = min(dense["finals"]), max(dense["finals"])
     sentences = []
     for row in rows:
         if row["method"] == "dense":
             continue
-        low, high = min(row["finals"]), max(row["finals"])
-        if high < dense_low:
-            verdict = "lower than dense on every seed"
-        elif low > dense_high:
-            verdict = "higher than dense on every seed"
-        else:
-            verdict = "within the seed spread of dense"
-        sentences.append(f"- **{row['method']}**: {row['delta']:+.4f} nats vs dense at equal tokens ({verdict}).")
+        if row["method"] == "dense-flops":
+            sentences.append(
+                f"- **dense-flops**: {row['tokens'] / dense['tokens']:.2f}x the tokens of `dense`: "
+                f"{row['delta']:+.4f} nats vs `dense` ({_verdict(row['finals'], dense['finals'])})."
+            )
+            continue
+        sentence = (
+            f"- **{row['method']}**: equal tokens: {row['delta']:+.4f} nats vs dense "
+            f"({_verdict(row['finals'], dense['finals'])})"
+        )
+        if matched is not None and abs(row["flops"] / matched["flops"] - 1) <= 0.02:
+            delta = statistics.fmean(row["finals"]) - statistics.fmean(matched["finals"])
+            sentence += (
+                f"; equal FLOPs: {delta:+.4f} nats vs the FLOP-matched dense run "
+                f"({_verdict(row['finals'], matched['finals'])})"
+            )
+        sentences.append(sentence + ".")
     return sentences
 
 

@@ -2,6 +2,7 @@
 
     python scripts/experiments/upcycling_study.py            # the committed study (~40 min on 2 cores)
     python scripts/experiments/upcycling_study.py --quick    # a smoke run of every step (~1-2 min)
+    python scripts/experiments/upcycling_study.py --rewrite-report   # the report again from its JSON, no training
 
 1. Corpus: the Python standard library's sources, split by file into pretrain / continue / held-out.
 2. A byte-level BPE tokenizer trained on the two training splits; a small dense Llama pretrained
@@ -38,7 +39,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from study_data import train_tokenizer, write_corpus  # noqa: E402
 from study_flops import checkpoint_parameters  # noqa: E402
-from study_report import Curve, write_report  # noqa: E402
+from study_report import RESULTS, Curve, write_report  # noqa: E402
 from study_runs import REPO, Evaluator, run_cli, run_recipe  # noqa: E402
 
 UPCYCLED = ("copy", "drop", "granular")
@@ -430,15 +431,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="continuation seeds (default 1 2)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
     parser.add_argument("--keep-work", action="store_true", help="keep checkpoints after the study")
+    parser.add_argument(
+        "--rewrite-report",
+        action="store_true",
+        help="train nothing: rewrite the markdown and plots of --out-dir from its upcycling_study.json",
+    )
     args = parser.parse_args(argv)
     raw_argv = sys.argv[1:] if argv is None else argv
     settings = QUICK if args.quick else StudySettings()
     if args.seeds:
         settings = replace(settings, seeds=tuple(args.seeds))
     name = "upcycling_study-quick" if args.quick else "upcycling_study"
-    work = Path(args.work_dir or REPO / "runs" / name)
     # --quick never overwrites the committed results unless told to.
     out_dir = Path(args.out_dir or (REPO / "runs" / f"{name}-results" if args.quick else REPO / "docs" / "results"))
+    if args.rewrite_report:
+        results = json.loads((out_dir / RESULTS).read_text())
+        print(f"rewrote {write_report(results, out_dir)}")
+        return results
+    work = Path(args.work_dir or REPO / "runs" / name)
     if work.exists():
         shutil.rmtree(work)
     methods, missing = available(tuple(args.methods))
