@@ -395,7 +395,9 @@ def git_revision() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
 
-    return git("rev-parse", "--short", "HEAD") + (" + local changes" if git("status", "--porcelain") else "")
+    # The study's own outputs (docs/results, the ignored runs/) are not local changes to the code.
+    changed = git("status", "--porcelain", "--", ".", ":(exclude)docs/results")
+    return git("rev-parse", "--short", "HEAD") + (" + local changes" if changed else "")
 
 
 def merge_back(moe: Path, work: Path, seed: int, settings, cli, heldout, picker, selection: Path) -> list[dict]:
