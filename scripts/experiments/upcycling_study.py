@@ -1,6 +1,6 @@
 """Does upcycling pay off? Dense continuation vs copy / Drop- / granular upcycling vs MoPE vs merged-back.
 
-    python scripts/experiments/upcycling_study.py            # the committed study (~40 min on 2 cores)
+    python scripts/experiments/upcycling_study.py            # the committed study (~30 min on 2 cores)
     python scripts/experiments/upcycling_study.py --quick    # a smoke run of every step (~1-2 min)
     python scripts/experiments/upcycling_study.py --rewrite-report   # the report again from its JSON, no training
 
