@@ -58,7 +58,6 @@ def child_environment(cache_dir: Path) -> dict[str, str]:
         HF_DATASETS_OFFLINE="1",
         HF_DATASETS_CACHE=str(cache_dir),
         TOKENIZERS_PARALLELISM="false",
-        OMP_WAIT_POLICY=env.get("OMP_WAIT_POLICY", "PASSIVE"),  # see upcycling_study.py: spinning threads crawl
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
     )
     return env

@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # OpenMP threads that spin while waiting make every torch op crawl when the cores are shared
 # (measured: a 4-layer h64 Llama step took 18 s with 2 spinning threads, 0.2 s passive); it must be
-# set before torch loads OpenMP. Results do not depend on it.
+# set before torch loads OpenMP; the recipe subprocesses inherit it. Results do not depend on it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from study_data import train_tokenizer, write_corpus  # noqa: E402
