@@ -11,7 +11,7 @@ from transformers.models.phi3.modeling_phi3 import Phi3MLP
 
 import upcycle.moe.experts as experts_module
 from upcycle.errors import UpcycleError
-from upcycle.moe import MoE, apply_capacity, dispatch, expert_capacity
+from upcycle.moe import MoE, apply_capacity, expert_capacity
 
 HIDDEN, INTER, EXPERTS = 16, 24, 4
 
@@ -33,7 +33,11 @@ def reference_output(block: MoE, hidden: torch.Tensor, kept: torch.Tensor | None
             projected = hidden[token] @ experts.in_proj[expert].T
             if experts.in_proj_bias is not None:
                 projected = projected + experts.in_proj_bias[expert]
-            activated = experts._activate(projected)
+            if experts.gated:
+                gate, up = projected.chunk(2)
+                activated = experts.act_fn(gate) * up
+            else:
+                activated = experts.act_fn(projected)
             out = activated @ experts.down_proj[expert].T
             if experts.down_proj_bias is not None:
                 out = out + experts.down_proj_bias[expert]
@@ -72,25 +76,6 @@ def test_sorted_grouped_dispatch_matches_a_per_token_reference(kind):
     hidden = inputs()
     output = block(hidden)
     torch.testing.assert_close(output, reference_output(block, hidden, block.last_router_output.dispatch_mask))
-
-
-def test_grouped_mm_and_fallback_give_the_same_outputs_and_gradients(monkeypatch):
-    torch.manual_seed(0)
-    block = MoE(32, 48, EXPERTS, 2, router_options={"init_std": 1.0})
-    hidden = torch.randn(30, 32, requires_grad=True)
-
-    def run() -> tuple[torch.Tensor, ...]:
-        block.zero_grad()
-        hidden.grad = None
-        output = block(hidden)
-        output.square().sum().backward()
-        return output.detach(), hidden.grad.clone(), block.experts.gate_up_proj.grad.clone()
-
-    grouped = run()
-    monkeypatch.setattr(dispatch, "_grouped_mm_usable", lambda *args: False)
-    looped = run()
-    for a, b in zip(grouped, looped, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_expert_computation_is_two_grouped_matmuls_whatever_the_token_count(monkeypatch):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from upcycle.errors import UpcycleError
-from upcycle.moe.dispatch import apply_capacity, expert_capacity, plan_dispatch
+from upcycle.moe.dispatch import apply_capacity, combine_pairs, dispatch_rows, expert_capacity, plan_dispatch
 from upcycle.moe.experts import Experts
 from upcycle.moe.ffn import read_dense_ffn
 from upcycle.moe.losses import load_balancing_loss, router_z_loss, tokens_per_expert
@@ -273,19 +273,9 @@ class MoE(nn.Module):
     def _sparse_forward(
         self, hidden_states: torch.Tensor, routing: RouterOutput, kept: torch.Tensor | None
     ) -> torch.Tensor:
-        num_tokens, top_k = routing.expert_indices.shape
         plan = plan_dispatch(routing.expert_indices, kept, self.num_experts)
-        expert_out = self.experts(hidden_states[plan.token_ids], plan.group_sizes)
-        pair_weights = routing.expert_weights.reshape(-1)[plan.pair_ids].to(expert_out.dtype)
-        expert_out = expert_out * pair_weights[:, None]
-        if plan.all_pairs:
-            # Every pair computed: undo the sort and sum the k outputs of each token; a gather
-            # and a reshape-sum are deterministic, unlike index_add on CUDA.
-            inverse = torch.empty_like(plan.pair_ids)
-            inverse[plan.pair_ids] = torch.arange(plan.pair_ids.numel(), device=inverse.device)
-            return expert_out[inverse].view(num_tokens, top_k, -1).sum(1)
-        output = hidden_states.new_zeros(num_tokens, hidden_states.shape[-1])
-        return output.index_add(0, plan.token_ids, expert_out)
+        expert_out = self.experts(dispatch_rows(hidden_states, plan), plan.group_sizes)
+        return combine_pairs(expert_out, routing.expert_weights, plan)
 
     def _soft_forward(self, hidden_states: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         dispatch, combine = routing.dispatch_weights, routing.combine_weights
