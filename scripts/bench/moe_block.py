@@ -3,9 +3,17 @@
 Forward + backward, float32, hidden 1024, intermediate 2816, 8 experts, top-2, at 32, 512 and
 4096 tokens, on CPU and (when there is one) on GPU. Every contender runs once per round, rounds
 interleaved in one process so that machine noise hits all alike; the table shows medians and
-ratios. The MoE blocks share weights and router, so they route identically.
+ratios. The MoE blocks share weights and router, so they route identically. One more row, "our
+experts only", runs our expert matmuls on evenly split rows with no router, dispatch or combine:
+the floor that any dispatch on top of these GEMMs can reach.
 
-    python scripts/bench/moe_block.py            # full run
+On the CPU a MoE step allocates several large tensors (the weight gradients alone are 8x the
+dense FFN's), and glibc's default allocator returns each to the kernel when it is freed, so the
+next step pays page faults again. `--allocator reuse` reruns the CPU tables in a process whose
+glibc keeps freed memory (what jemalloc or tcmalloc do, as PyTorch's CPU performance guide
+recommends); `both` (the default) prints the two.
+
+    python scripts/bench/moe_block.py            # full run, both allocators
     python scripts/bench/moe_block.py --quick    # fewer rounds, 32 and 512 tokens only
 
 Targets (issue 5): at 512 and 4096 tokens ours <= 1.1 x (2 x dense) and <= transformers' fastest;
@@ -17,6 +25,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -28,6 +38,29 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from upcycle.moe import MoE
 
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 1024, 2816, 8, 2
+
+# glibc malloc tunables that keep freed memory in the process (read at process start only).
+REUSE_ALLOCATOR_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 32),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 36),
+    "MALLOC_TOP_PAD_": str(1 << 30),
+}
+
+
+class ExpertsOnly(torch.nn.Module):
+    """Our expert matmuls on k copies of every token, split evenly over the experts: no router,
+    no dispatch, no combine (the output is the sum of the k copies' expert outputs)."""
+
+    def __init__(self, moe: MoE) -> None:
+        super().__init__()
+        self.experts = moe.experts
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        rows = hidden_states.reshape(-1, HIDDEN).repeat(TOP_K, 1)
+        sizes = torch.full((EXPERTS,), rows.shape[0] // EXPERTS, dtype=torch.long)
+        sizes[: rows.shape[0] % EXPERTS] += 1
+        output = self.experts(rows, sizes).view(TOP_K, -1, HIDDEN).sum(0)
+        return output.view_as(hidden_states)
 
 
 def transformers_implementations(device: torch.device) -> list[str]:
@@ -72,6 +105,7 @@ def build_contenders(device: torch.device) -> dict[str, torch.nn.Module]:
         contenders[f"Mixtral {implementation}"] = block
     dense = LlamaMLP(LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE)).to(device)
     contenders["dense LlamaMLP"] = dense
+    contenders["our experts only"] = ExpertsOnly(ours)
     return contenders
 
 
@@ -118,7 +152,9 @@ def print_table(device: torch.device, tokens: int, medians: dict[str, float]) ->
     mixtral = {name: t for name, t in medians.items() if name.startswith("Mixtral")}
     fastest = min(mixtral, key=mixtral.get) if mixtral else None
     ours = medians["upcycle MoE"]
-    print(f"\n{device.type}, {tokens} tokens, forward+backward float32 (median ms)")
+    allocator = "glibc default" if "MALLOC_MMAP_THRESHOLD_" not in os.environ else "memory-reusing glibc"
+    allocator = f", {allocator} allocator" if device.type == "cpu" else ""
+    print(f"\n{device.type}, {tokens} tokens, forward+backward float32 (median ms{allocator})")
     print(f"  {'contender':<22} {'ms':>9} {'/ (2 x dense)':>14} {'/ ours':>8}")
     for name, seconds in medians.items():
         print(f"  {name:<22} {seconds * 1e3:9.2f} {seconds / (2 * dense):14.2f} {seconds / ours:8.2f}")
@@ -135,7 +171,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="*", default=None, help="token counts (default 32 512 4096)")
     parser.add_argument("--skip", nargs="*", default=[], help="contenders to leave out, e.g. 'Mixtral eager'")
     parser.add_argument("--device", choices=["cpu", "cuda"], nargs="*", default=None, help="default: cpu and cuda")
+    parser.add_argument(
+        "--allocator",
+        choices=["default", "reuse", "both"],
+        default="both",
+        help="CPU allocator: glibc's default, one that keeps freed memory, or both (two processes)",
+    )
     args = parser.parse_args()
+    if args.allocator != "default" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        rerun_with_allocators(args.allocator)
+        return
     rounds = args.rounds or (3 if args.quick else 7)
     token_counts = args.tokens or ([32, 512] if args.quick else [32, 512, 4096])
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
@@ -148,6 +193,23 @@ def main() -> None:
         contenders = {name: m for name, m in build_contenders(device).items() if name not in args.skip}
         for tokens in token_counts:
             print_table(device, tokens, bench(device, tokens, rounds, contenders))
+
+
+def rerun_with_allocators(mode: str) -> None:
+    """Run this script again per allocator (the glibc tunables only apply at process start); the
+    reuse pass covers the CPU only. Exits with the first failing child's status."""
+    arguments = [argument for argument in sys.argv[1:] if not argument.startswith("--allocator")]
+    if "--allocator" in sys.argv:
+        position = sys.argv.index("--allocator")
+        arguments = sys.argv[1:position] + sys.argv[position + 2 :]
+    passes = [("default", {}), ("reuse", REUSE_ALLOCATOR_ENV)] if mode == "both" else [("reuse", REUSE_ALLOCATOR_ENV)]
+    for name, extra_env in passes:
+        command = [sys.executable, __file__, *arguments, "--allocator", "default"]
+        if name == "reuse":
+            command += ["--device", "cpu"]
+        status = subprocess.run(command, env={**os.environ, **extra_env}).returncode
+        if status:
+            sys.exit(status)
 
 
 if __name__ == "__main__":
