@@ -35,7 +35,7 @@ from transformers import LlamaConfig, MixtralConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-from upcycle.moe import MoE
+from upcycle.moe import MoE, saved_activation_bytes
 
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 1024, 2816, 8, 2
 
@@ -126,7 +126,10 @@ def time_once(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def bench(device: torch.device, tokens: int, rounds: int, contenders: dict[str, torch.nn.Module]) -> dict:
+def bench(
+    device: torch.device, tokens: int, rounds: int, contenders: dict[str, torch.nn.Module]
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Return each runnable contender's median step time (s) and its saved-for-backward bytes."""
     torch.manual_seed(tokens)
     inputs = torch.randn(1, tokens, HIDDEN, device=device, requires_grad=True)
     grad = torch.randn(1, tokens, HIDDEN, device=device)
@@ -144,10 +147,11 @@ def bench(device: torch.device, tokens: int, rounds: int, contenders: dict[str, 
     for _ in range(rounds):
         for name, module in runnable.items():
             times[name].append(time_once(lambda module=module: step(module, inputs, grad), device))
-    return {name: statistics.median(samples) for name, samples in times.items()}
+    saved = {name: saved_activation_bytes(module, inputs) for name, module in runnable.items()}
+    return {name: statistics.median(samples) for name, samples in times.items()}, saved
 
 
-def print_table(device: torch.device, tokens: int, medians: dict[str, float]) -> None:
+def print_table(device: torch.device, tokens: int, medians: dict[str, float], saved: dict[str, int]) -> None:
     dense = medians["dense LlamaMLP"]
     mixtral = {name: t for name, t in medians.items() if name.startswith("Mixtral")}
     fastest = min(mixtral, key=mixtral.get) if mixtral else None
@@ -155,9 +159,12 @@ def print_table(device: torch.device, tokens: int, medians: dict[str, float]) ->
     allocator = "glibc default" if "MALLOC_MMAP_THRESHOLD_" not in os.environ else "memory-reusing glibc"
     allocator = f", {allocator} allocator" if device.type == "cpu" else ""
     print(f"\n{device.type}, {tokens} tokens, forward+backward float32 (median ms{allocator})")
-    print(f"  {'contender':<22} {'ms':>9} {'/ (2 x dense)':>14} {'/ ours':>8}")
+    print(f"  {'contender':<22} {'ms':>9} {'/ (2 x dense)':>14} {'/ ours':>8} {'saved for backward MiB':>23}")
     for name, seconds in medians.items():
-        print(f"  {name:<22} {seconds * 1e3:9.2f} {seconds / (2 * dense):14.2f} {seconds / ours:8.2f}")
+        print(
+            f"  {name:<22} {seconds * 1e3:9.2f} {seconds / (2 * dense):14.2f} {seconds / ours:8.2f}"
+            f" {saved[name] / 2**20:23.1f}"
+        )
     verdict = f"  ours / (2 x dense) = {ours / (2 * dense):.2f} (target <= 1.10 at 512 and 4096)"
     if fastest is not None:
         verdict += f"; ours / fastest transformers ({fastest}) = {ours / mixtral[fastest]:.2f} (target <= 1.00)"
@@ -192,7 +199,7 @@ def main() -> None:
         device = torch.device(device_name)
         contenders = {name: m for name, m in build_contenders(device).items() if name not in args.skip}
         for tokens in token_counts:
-            print_table(device, tokens, bench(device, tokens, rounds, contenders))
+            print_table(device, tokens, *bench(device, tokens, rounds, contenders))
 
 
 def rerun_with_allocators(mode: str) -> None:

@@ -11,7 +11,7 @@ from test_moe_block import reference_output
 from torch import nn
 from transformers.activations import ACT2FN
 
-from upcycle.moe import MoE, dispatch
+from upcycle.moe import MoE, dispatch, saved_activation_bytes
 from upcycle.moe.experts import Experts, _fused_glu_kind, _FusedGlu
 
 
@@ -152,3 +152,23 @@ def test_dispatch_experts_combine_gradcheck_float64(drop_some):
     gate_up = experts.gate_up_proj.detach().clone().requires_grad_()
     down = experts.down_proj.detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(sparse_path, (hidden, weights, gate_up, down))
+
+
+def test_block_keeps_only_rows_projection_hidden_and_outputs_for_backward():
+    """Per computed pair the block saves its input row, the (2I) gate/up projection, the (I)
+    activated hidden and its (H) output: act(gate) is recomputed in backward, not kept."""
+    tokens, hidden_size, inter, experts, top_k = 40, 32, 48, 4, 2
+    block = MoE(hidden_size, inter, experts, top_k)
+    pairs = tokens * top_k
+    expected_floats = pairs * (hidden_size + 2 * inter + inter + hidden_size)
+    routing_bytes = 4 * tokens * experts * 4 + 8 * pairs * 4  # logits/probabilities, index vectors
+    saved = saved_activation_bytes(block, torch.randn(tokens, hidden_size))
+    assert 4 * expected_floats <= saved <= 4 * expected_floats + routing_bytes
+    assert routing_bytes < 4 * pairs * inter  # keeping act(gate) as well would fail the bound
+
+
+def test_saved_activation_bytes_counts_distinct_storages_once():
+    linear = nn.Linear(8, 8)
+    inputs = torch.randn(5, 8, requires_grad=True)
+    # relu keeps its (5, 8) float output; linear keeps only its input and weight (both excluded)
+    assert saved_activation_bytes(nn.Sequential(linear, nn.ReLU()), inputs) == 5 * 8 * 4

@@ -9,6 +9,7 @@ from upcycle.moe.dispatch import apply_capacity, expert_capacity, grouped_linear
 from upcycle.moe.experts import Experts
 from upcycle.moe.ffn import DenseFFN, read_dense_ffn
 from upcycle.moe.losses import load_balancing_loss, router_z_loss, tokens_per_expert
+from upcycle.moe.memory import saved_activation_bytes
 from upcycle.moe.routers import (
     ROUTERS,
     Router,
@@ -38,5 +39,6 @@ __all__ = [
     "moe_modules",
     "read_dense_ffn",
     "router_z_loss",
+    "saved_activation_bytes",
     "tokens_per_expert",
 ]
