@@ -172,3 +172,28 @@ def test_saved_activation_bytes_counts_distinct_storages_once():
     inputs = torch.randn(5, 8, requires_grad=True)
     # relu keeps its (5, 8) float output; linear keeps only its input and weight (both excluded)
     assert saved_activation_bytes(nn.Sequential(linear, nn.ReLU()), inputs) == 5 * 8 * 4
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_block_trains_under_autocast_like_an_autocast_linear(capacity_factor):
+    """Under bf16 autocast the experts compute in bf16 (as `nn.Linear` would), the output is bf16,
+    and gradients reach the float32 parameters close to the float32 ones."""
+    torch.manual_seed(0)
+    block = MoE(32, 48, 4, 2, capacity_factor=capacity_factor, router_options={"init_std": 1.0})
+    with torch.no_grad():
+        for parameter in block.experts.parameters():
+            parameter.normal_(std=0.2)
+    hidden = torch.randn(24, 32, requires_grad=True)
+    parameters = [hidden, *block.experts.parameters()]
+
+    full = block(hidden)
+    expected = torch.autograd.grad(full.square().sum(), parameters)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = block(hidden)
+    grads = torch.autograd.grad(mixed.float().square().sum(), parameters)
+
+    assert mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed.float(), full, atol=0.05, rtol=0.05)
+    for grad, reference in zip(grads, expected, strict=True):
+        assert grad.dtype == torch.float32
+        assert torch.linalg.norm(grad - reference) <= 0.05 * torch.linalg.norm(reference)

@@ -67,9 +67,10 @@ class SegmentedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: object, inputs: torch.Tensor, weight: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
         output = inputs.new_empty(inputs.shape[0], weight.shape[1])
-        for expert, (start, end) in enumerate(_segments(group_sizes)):
-            if end > start:
-                torch.mm(inputs[start:end], weight[expert].t(), out=output[start:end])
+        with _autocast_off(inputs):
+            for expert, (start, end) in enumerate(_segments(group_sizes)):
+                if end > start:
+                    torch.mm(inputs[start:end], weight[expert].t(), out=output[start:end])
         ctx.save_for_backward(inputs, weight)
         ctx.group_sizes = group_sizes
         return output
@@ -91,6 +92,13 @@ class SegmentedLinear(torch.autograd.Function):
                 else:
                     grad_weight[expert].zero_()
         return grad_inputs, grad_weight, None
+
+
+def _autocast_off(tensor: torch.Tensor) -> torch.autocast:
+    """Inside our autograd functions every operand already has the dtype it should compute in
+    (`grouped_linear` and `combine_pairs` cast under autocast first); autocast must not recast
+    some of them in forward, or backward, which runs without autocast, would mix dtypes."""
+    return torch.autocast(tensor.device.type, enabled=False)
 
 
 def _segments(group_sizes: list[int]) -> list[tuple[int, int]]:
@@ -133,9 +141,17 @@ def grouped_linear(
     Returns:
         (S, out): row r of expert e's segment is ``inputs[r] @ weight[e].T (+ bias[e])``.
 
+    Under autocast, inputs, weight and bias are cast to the autocast dtype first (as autocast does
+    for `torch.mm`); the weight gradient flows back in the weight's own dtype.
+
     Raises:
         RuntimeError: from torch when inputs and weight differ in dtype or device.
     """
+    device_type = inputs.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        inputs, weight = inputs.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     weight_t = weight.transpose(1, 2)
     key = (inputs.device.type, inputs.dtype)
     output = None
@@ -297,7 +313,8 @@ class _CombinePairs(torch.autograd.Function):
         num_tokens, top_k = weights.shape
         gathered = expert_out.index_select(0, inverse).view(num_tokens, top_k, -1)
         ctx.save_for_backward(gathered, weights, pair_ids, token_ids)
-        return torch.bmm(weights.unsqueeze(1), gathered).squeeze(1)
+        with _autocast_off(expert_out):
+            return torch.bmm(weights.unsqueeze(1), gathered).squeeze(1)
 
     @staticmethod
     @once_differentiable
