@@ -197,3 +197,29 @@ def test_block_trains_under_autocast_like_an_autocast_linear(capacity_factor):
     for grad, reference in zip(grads, expected, strict=True):
         assert grad.dtype == torch.float32
         assert torch.linalg.norm(grad - reference) <= 0.05 * torch.linalg.norm(reference)
+
+
+def test_block_through_the_grouped_mm_branch_matches_the_segmented_path(monkeypatch):
+    """The accelerator branch of `grouped_linear` (torch grouped_mm, which also runs on the CPU)
+    gives the block the same outputs and gradients as the CPU path, including a zero-stride
+    upstream gradient (``.sum()``), which grouped_mm's backward rejects unless made contiguous."""
+    if not hasattr(F, "grouped_mm"):
+        pytest.skip("this torch has no grouped_mm")
+    torch.manual_seed(0)
+    block = MoE(32, 48, 4, 2, bias=True, router_options={"init_std": 1.0})
+    hidden = torch.randn(30, 32, requires_grad=True)
+    parameters = [hidden, block.router.weight, *block.experts.parameters()]
+
+    def run() -> list[torch.Tensor]:
+        output = block(hidden)
+        return [output, *torch.autograd.grad(output.sum(), parameters)]
+
+    segmented = run()
+    calls = []
+    original = F.grouped_mm
+    monkeypatch.setattr(dispatch, "_grouped_mm_usable", lambda *args: True)
+    monkeypatch.setattr(F, "grouped_mm", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    grouped = run()
+    assert len(calls) == 2  # both projections went through grouped_mm
+    for a, b in zip(segmented, grouped, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
