@@ -358,7 +358,7 @@ def run_study(
                     "final_loss": best["heldout_loss"],
                     "init_loss": None,
                     "merge_method": best["method"],
-                    "command": relative(best["command"]),
+                    "command": best["command"],
                 }
         if "mope" in methods:
             mope_options = json.dumps(settings.mope)
@@ -413,7 +413,7 @@ def merge_back(moe: Path, work: Path, seed: int, settings, cli, heldout, picker,
         rows.append(
             {
                 "method": method,
-                "command": command.text(),
+                "command": relative(command.text()),
                 "selection_loss": picker.loss(merged)["eval_loss"],
                 "heldout_loss": heldout.loss(merged)["eval_loss"],
             }
