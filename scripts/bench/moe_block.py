@@ -47,6 +47,11 @@ REUSE_ALLOCATOR_ENV = {
 }
 
 
+def reusing_allocator() -> bool:
+    """Whether this process runs with `REUSE_ALLOCATOR_ENV` set."""
+    return all(os.environ.get(name) == value for name, value in REUSE_ALLOCATOR_ENV.items())
+
+
 class ExpertsOnly(torch.nn.Module):
     """Our expert matmuls on k copies of every token, split evenly over the experts: no router,
     no dispatch, no combine (the output is the sum of the k copies' expert outputs)."""
@@ -156,7 +161,7 @@ def print_table(device: torch.device, tokens: int, medians: dict[str, float], sa
     mixtral = {name: t for name, t in medians.items() if name.startswith("Mixtral")}
     fastest = min(mixtral, key=mixtral.get) if mixtral else None
     ours = medians["upcycle MoE"]
-    allocator = "glibc default" if "MALLOC_MMAP_THRESHOLD_" not in os.environ else "memory-reusing glibc"
+    allocator = "memory-reusing glibc" if reusing_allocator() else "glibc default"
     allocator = f", {allocator} allocator" if device.type == "cpu" else ""
     print(f"\n{device.type}, {tokens} tokens, forward+backward float32 (median ms{allocator})")
     print(f"  {'contender':<22} {'ms':>9} {'/ (2 x dense)':>14} {'/ ours':>8} {'saved for backward MiB':>23}")
@@ -185,7 +190,7 @@ def main() -> None:
         help="CPU allocator: glibc's default, one that keeps freed memory, or both (two processes)",
     )
     args = parser.parse_args()
-    if args.allocator != "default" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+    if args.allocator != "default" and not reusing_allocator():
         rerun_with_allocators(args.allocator)
         return
     rounds = args.rounds or (3 if args.quick else 7)
@@ -204,14 +209,11 @@ def main() -> None:
 
 def rerun_with_allocators(mode: str) -> None:
     """Run this script again per allocator (the glibc tunables only apply at process start); the
-    reuse pass covers the CPU only. Exits with the first failing child's status."""
-    arguments = [argument for argument in sys.argv[1:] if not argument.startswith("--allocator")]
-    if "--allocator" in sys.argv:
-        position = sys.argv.index("--allocator")
-        arguments = sys.argv[1:position] + sys.argv[position + 2 :]
+    reuse pass covers the CPU only. Exits with the first failing child's status. The options
+    appended to the command override the user's (argparse keeps an option's last value)."""
     passes = [("default", {}), ("reuse", REUSE_ALLOCATOR_ENV)] if mode == "both" else [("reuse", REUSE_ALLOCATOR_ENV)]
     for name, extra_env in passes:
-        command = [sys.executable, __file__, *arguments, "--allocator", "default"]
+        command = [sys.executable, __file__, *sys.argv[1:], "--allocator", "default"]
         if name == "reuse":
             command += ["--device", "cpu"]
         status = subprocess.run(command, env={**os.environ, **extra_env}).returncode

@@ -9,6 +9,7 @@ wherever grouped_mm cannot run.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -102,10 +103,7 @@ def _autocast_off(tensor: torch.Tensor) -> torch.autocast:
 
 
 def _segments(group_sizes: list[int]) -> list[tuple[int, int]]:
-    ends = [0]
-    for size in group_sizes:
-        ends.append(ends[-1] + size)
-    return list(zip(ends[:-1], ends[1:], strict=True))
+    return list(itertools.pairwise(itertools.accumulate(group_sizes, initial=0)))
 
 
 def _aligned(tensor: torch.Tensor) -> bool:
@@ -114,7 +112,7 @@ def _aligned(tensor: torch.Tensor) -> bool:
 
 
 def _grouped_mm_usable(inputs: torch.Tensor, weight_t: torch.Tensor) -> bool:
-    # CPU: grouped_mm is a loop of mm with a slow weight-gradient layout (see SegmentedLinear).
+    # CPU: grouped_mm is a loop of mm there too, and slower than SegmentedLinear (see its docstring).
     if inputs.device.type == "cpu" or not hasattr(F, "grouped_mm") or inputs.dtype != weight_t.dtype:
         return False
     # The kernels want 16-byte aligned pointers and strides; tiny or odd hidden sizes take the
@@ -237,16 +235,19 @@ class DispatchPlan:
         pair_ids: (P,) flat indices into the (T, k) routing tensors, sorted by expert.
         token_ids: (P,) the token of each sorted pair.
         group_sizes: (E,) pairs per expert.
-        all_pairs: True when no pair was masked out (then P == T * k).
-        inverse: when ``all_pairs``, (T * k,) the sorted position of each flat pair (the inverse
-            permutation of ``pair_ids``); None otherwise.
+        inverse: when no pair was masked out (then P == T * k), (T * k,) the sorted position of
+            each flat pair (the inverse permutation of ``pair_ids``); None otherwise.
     """
 
     pair_ids: torch.Tensor
     token_ids: torch.Tensor
     group_sizes: torch.Tensor
-    all_pairs: bool
-    inverse: torch.Tensor | None = None
+    inverse: torch.Tensor | None
+
+    @property
+    def all_pairs(self) -> bool:
+        """True when every (token, expert) pair is computed."""
+        return self.inverse is not None
 
 
 def plan_dispatch(expert_indices: torch.Tensor, kept: torch.Tensor | None, num_experts: int) -> DispatchPlan:
@@ -264,17 +265,15 @@ def plan_dispatch(expert_indices: torch.Tensor, kept: torch.Tensor | None, num_e
     flat_experts = expert_indices.reshape(-1)
     if kept is None:
         pair_ids = flat_experts.argsort(stable=True)
-        all_pairs = True
     else:
         candidate_ids = kept.reshape(-1).nonzero().squeeze(1)
         pair_ids = candidate_ids[flat_experts[candidate_ids].argsort(stable=True)]
-        all_pairs = candidate_ids.numel() == flat_experts.numel()
     group_sizes = torch.bincount(flat_experts[pair_ids], minlength=num_experts)
     inverse = None
-    if all_pairs:
+    if pair_ids.numel() == flat_experts.numel():
         inverse = torch.empty_like(pair_ids)
         inverse[pair_ids] = torch.arange(pair_ids.numel(), device=pair_ids.device)
-    return DispatchPlan(pair_ids, pair_ids // top_k, group_sizes, all_pairs, inverse)
+    return DispatchPlan(pair_ids, pair_ids // top_k, group_sizes, inverse)
 
 
 class _DispatchRows(torch.autograd.Function):

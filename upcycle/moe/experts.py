@@ -62,7 +62,9 @@ class _FusedGlu(torch.autograd.Function):
     @staticmethod
     def forward(ctx: object, projected: torch.Tensor, kind: str) -> torch.Tensor:
         gate, up = projected.chunk(2, dim=-1)
-        output = _glu_activation(gate, kind).mul_(up)
+        activation, _ = _GLU_ACTIVATIONS[kind]
+        output = torch.empty_like(up, memory_format=torch.contiguous_format)
+        activation(gate, out=output).mul_(up)
         ctx.save_for_backward(projected)
         ctx.kind = kind
         return output
@@ -72,23 +74,23 @@ class _FusedGlu(torch.autograd.Function):
     def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (projected,) = ctx.saved_tensors
         gate, up = projected.chunk(2, dim=-1)
+        activation, activation_backward = _GLU_ACTIVATIONS[ctx.kind]
         grad_projected = torch.empty_like(projected)
         grad_gate, grad_up = grad_projected.chunk(2, dim=-1)
-        if ctx.kind == "silu":
-            torch.ops.aten.silu.out(gate, out=grad_up)
-        else:
-            torch.ops.aten.gelu.out(gate, approximate="tanh", out=grad_up)
-        grad_up.mul_(grad)
+        activation(gate, out=grad_up).mul_(grad)
         torch.mul(grad, up, out=grad_gate)
-        if ctx.kind == "silu":
-            torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
-        else:
-            torch.ops.aten.gelu_backward.grad_input(grad_gate, gate, approximate="tanh", grad_input=grad_gate)
+        activation_backward(grad_gate, gate, grad_input=grad_gate)
         return grad_projected, None
 
 
-def _glu_activation(gate: torch.Tensor, kind: str) -> torch.Tensor:
-    return F.silu(gate) if kind == "silu" else F.gelu(gate, approximate="tanh")
+# kind -> (activation with `out=`, its backward with `grad_input=`), the aten ops `_FusedGlu` uses.
+_GLU_ACTIVATIONS = {
+    "silu": (torch.ops.aten.silu.out, torch.ops.aten.silu_backward.grad_input),
+    "gelu_tanh": (
+        functools.partial(torch.ops.aten.gelu.out, approximate="tanh"),
+        functools.partial(torch.ops.aten.gelu_backward.grad_input, approximate="tanh"),
+    ),
+}
 
 
 class Experts(nn.Module):
