@@ -223,3 +223,92 @@ def test_block_through_the_grouped_mm_branch_matches_the_segmented_path(monkeypa
     assert len(calls) == 2  # both projections went through grouped_mm
     for a, b in zip(segmented, grouped, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+KEY = ("cpu", torch.float32)  # the failure-cache entry of the float32 CPU tensors below
+
+
+def _grouped_mm_reference(inputs: torch.Tensor, weight_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """What grouped_mm computes (2-D inputs, 3-D weights): each segment times its group's matrix."""
+    ends = offs.tolist()
+    starts = [0, *ends[:-1]]
+    return torch.cat(
+        [inputs[start:end] @ weight_t[group] for group, (start, end) in enumerate(zip(starts, ends, strict=True))]
+    )
+
+
+def _grouped_mm_branch(monkeypatch, grouped_mm) -> dict:
+    """Take grouped_linear's grouped_mm branch on the CPU with a stand-in ``grouped_mm``, deciding
+    usability from a fresh failure cache the way `_grouped_mm_usable` does; return that cache."""
+    cache = {}
+    monkeypatch.setattr(dispatch, "_GROUPED_MM_WORKS", cache)
+    monkeypatch.setattr(dispatch, "_grouped_mm_usable", lambda inputs, weight_t: cache.get(KEY, True))
+    monkeypatch.setattr(F, "grouped_mm", grouped_mm, raising=False)
+    return cache
+
+
+def _linear_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    return torch.randn(10, 8), torch.randn(3, 4, 8), torch.tensor([4, 0, 6])
+
+
+def test_grouped_linear_lets_out_of_memory_through_and_keeps_using_grouped_mm(monkeypatch):
+    """An out-of-memory error inside grouped_mm is the caller's to handle: it propagates, and
+    grouped_mm is not switched off for the rest of the process."""
+    inputs, weight, group_sizes = _linear_case()
+    calls = []
+
+    def out_of_memory(*args, **kwargs):
+        calls.append("oom")
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    cache = _grouped_mm_branch(monkeypatch, out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        dispatch.grouped_linear(inputs, weight, group_sizes)
+    assert calls == ["oom"]
+    assert KEY not in cache  # not remembered as "grouped_mm does not work here"
+
+    def works(inputs, weight_t, offs):
+        calls.append("ok")
+        return _grouped_mm_reference(inputs, weight_t, offs)
+
+    monkeypatch.setattr(F, "grouped_mm", works, raising=False)
+    output = dispatch.grouped_linear(inputs, weight, group_sizes)
+    assert calls == ["oom", "ok"]  # the next call went through grouped_mm again
+    assert cache[KEY] is True
+    torch.testing.assert_close(output, per_row_linear(inputs, weight, group_sizes.tolist()))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("Expected mat_a to be Float32, BFloat16 or Float16 matrix, got Double"),
+        NotImplementedError("Could not run 'aten::_grouped_mm' with arguments from the 'MPS' backend."),
+    ],
+)
+def test_grouped_linear_falls_back_for_good_when_grouped_mm_is_unsupported(monkeypatch, error):
+    inputs, weight, group_sizes = _linear_case()
+    calls = []
+
+    def unsupported(*args, **kwargs):
+        calls.append(1)
+        raise error
+
+    cache = _grouped_mm_branch(monkeypatch, unsupported)
+    expected = per_row_linear(inputs, weight, group_sizes.tolist())
+    torch.testing.assert_close(dispatch.grouped_linear(inputs, weight, group_sizes), expected)
+    assert cache[KEY] is False
+    torch.testing.assert_close(dispatch.grouped_linear(inputs, weight, group_sizes), expected)
+    assert len(calls) == 1  # remembered: the second call took the segmented path directly
+
+
+def test_grouped_linear_reraises_other_grouped_mm_errors(monkeypatch):
+    inputs, weight, group_sizes = _linear_case()
+
+    def device_fault(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    cache = _grouped_mm_branch(monkeypatch, device_fault)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        dispatch.grouped_linear(inputs, weight, group_sizes)
+    assert KEY not in cache

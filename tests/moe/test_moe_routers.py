@@ -9,7 +9,7 @@ import torch
 
 from upcycle.errors import UpcycleError
 from upcycle.moe import MoE, build_router
-from upcycle.moe.routers import (
+from upcycle.moe.routing import (
     ROUTERS,
     balanced_assignment,
     balanced_capacity,

@@ -10,7 +10,7 @@ from upcycle.moe.experts import Experts
 from upcycle.moe.ffn import DenseFFN, read_dense_ffn
 from upcycle.moe.losses import load_balancing_loss, router_z_loss, tokens_per_expert
 from upcycle.moe.memory import saved_activation_bytes
-from upcycle.moe.routers import (
+from upcycle.moe.routing import (
     ROUTERS,
     Router,
     RouterOutput,

@@ -20,7 +20,7 @@ from upcycle.moe.dispatch import apply_capacity, combine_pairs, dispatch_rows, e
 from upcycle.moe.experts import Experts
 from upcycle.moe.ffn import read_dense_ffn
 from upcycle.moe.losses import load_balancing_loss, router_z_loss, tokens_per_expert
-from upcycle.moe.routers import ROUTERS, Router, RouterOutput, build_router, flatten_token_mask
+from upcycle.moe.routing import ROUTERS, Router, RouterOutput, build_router, flatten_token_mask
 
 __all__ = ["MoE", "MoEStats", "SharedExperts", "collect_aux_loss", "moe_modules"]
 

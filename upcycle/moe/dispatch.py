@@ -122,6 +122,34 @@ def _grouped_mm_usable(inputs: torch.Tensor, weight_t: torch.Tensor) -> bool:
     return _GROUPED_MM_WORKS.get((inputs.device.type, inputs.dtype), True)
 
 
+# What torch says when grouped_mm has no kernel for a dtype or device (matched in lower case): the
+# dtype check ("Expected mat_a to be Float32, BFloat16 or Float16 matrix, got Double"), the
+# architecture and build checks ("... only supported on CUDA devices with compute capability ...",
+# "grouped gemm is not supported without USE_FBGEMM_GENAI on ROCM", "... currently supports only
+# BFloat16 inputs") and missing kernels ("... not implemented for 'Float8_e4m3fn'").
+_UNSUPPORTED_MESSAGES = (
+    "expected mat_a to be",
+    "expected mat_b to be",
+    "compute capability",
+    "not supported",
+    "unsupported",
+    "supports only",
+    "not implemented",
+)
+
+
+def _grouped_mm_unsupported(error: Exception) -> bool:
+    """Whether an error from `F.grouped_mm` means it cannot run for this dtype and device (so the
+    segmented path is used from then on), rather than a failure of this call: out of memory, bad
+    shapes, a device fault, which must reach the caller and must not switch grouped_mm off."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    if isinstance(error, NotImplementedError):
+        return True
+    message = str(error).lower()
+    return any(marker in message for marker in _UNSUPPORTED_MESSAGES)
+
+
 def grouped_linear(
     inputs: torch.Tensor,
     weight: torch.Tensor,
@@ -142,8 +170,14 @@ def grouped_linear(
     Under autocast, inputs, weight and bias are cast to the autocast dtype first (as autocast does
     for `torch.mm`); the weight gradient flows back in the weight's own dtype.
 
+    If grouped_mm reports that it does not support the dtype or device, the segmented path is
+    used, and remembered for that (device type, dtype); any other error from it (out of memory
+    included) propagates and changes nothing.
+
     Raises:
-        RuntimeError: from torch when inputs and weight differ in dtype or device.
+        RuntimeError: from torch when inputs and weight differ in dtype or device, and from
+            grouped_mm for a failure other than an unsupported dtype or device
+            (`torch.OutOfMemoryError` among them).
     """
     device_type = inputs.device.type
     if torch.is_autocast_enabled(device_type):
@@ -158,7 +192,9 @@ def grouped_linear(
         try:
             output = _ContiguousGrad.apply(F.grouped_mm(inputs, weight_t, offs=offsets))
             _GROUPED_MM_WORKS[key] = True
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError) as error:
+            if not _grouped_mm_unsupported(error):
+                raise
             _GROUPED_MM_WORKS[key] = False
     if output is None:
         output = SegmentedLinear.apply(inputs, weight, group_sizes.tolist())

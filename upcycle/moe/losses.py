@@ -1,6 +1,6 @@
 """Auxiliary router losses: Switch/GShard load balancing and the ST-MoE router z-loss.
 
-Both take the tensors a `RouterOutput` carries, so any router in `upcycle.moe.routers` can be
+Both take the tensors a `RouterOutput` carries, so any router in `upcycle.moe.routing` can be
 trained with them. Padding is excluded through the optional `token_mask`.
 """
 
