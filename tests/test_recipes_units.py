@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import runpy
 from pathlib import Path
 
@@ -210,3 +211,51 @@ def test_push_to_hub_without_a_token_fails_before_training(finetune_main, tmp_pa
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("finetune: error: output.push_to_hub: pushing to me/model needs a token")
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_without_a_checkpoint_says_training_starts_from_step_0(tmp_path, capsys):
+    """The run goes as far as the Accelerator (in this process) and stops where the model would load."""
+    import numpy as np
+    from accelerate.state import AcceleratorState
+
+    recipe = runpy.run_path(str(ROOT / "recipes" / "finetune.py"), run_name="finetune_recipe")
+
+    class ModelStepReached(Exception):
+        pass
+
+    def stop(run):
+        raise ModelStepReached
+
+    recipe["train"].__globals__["build_model"] = stop  # run_path returns a copy of the module's globals
+    output = tmp_path / "run"
+    python_rng, numpy_rng = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]), pytest.raises(ModelStepReached):
+            recipe["main"]([str(SMOKE), "-o", f"output.dir={output}", "--resume"])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        random.setstate(python_rng)
+        np.random.set_state(numpy_rng)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [f"--resume: no checkpoint found under output.dir {output}; training starts from step 0"]
+
+
+def test_progress_bar_honours_tqdm_disable():
+    """tqdm reads TQDM_* into its keyword defaults when imported; an explicit disable= would override them."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "from upcycle.training.loop import progress_bar; "
+        "print(progress_bar(10, 0, enabled=True).disable, progress_bar(10, 0, enabled=False).disable)"
+    )
+    shown = {}
+    for value in ("1", None):
+        env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+        if value is not None:
+            env["TQDM_DISABLE"] = value
+        done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+        shown[value] = done.stdout.split()
+    assert shown == {"1": ["True", "True"], None: ["False", "True"]}

@@ -15,50 +15,47 @@ import torch
 
 from upcycle.errors import UpcycleError
 
-LOCAL_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TEXT_FIELDS = ("text", "content", "prompt")
 
 
 def load_calibration_texts(data: str | Path, samples: int = 128, split: str = "train") -> list[str]:
-    """Return up to `samples` non-empty texts from a local text/jsonl/parquet file or a Hub dataset id.
+    """Return up to `samples` non-empty texts from `data`: a local .txt/.text/.md, .jsonl/.json,
+    .parquet or .csv file, a local directory or a Hub dataset id (`upcycle.data_files`).
 
-    JSON/parquet rows use the first of the fields `text`, `content`, `prompt` that exists.
+    JSON/parquet/CSV rows use the first of the fields `text`, `content`, `prompt` that exists.
+
+    Returns:
+        The texts, stripped, in file order; at least one.
 
     Raises:
-        UpcycleError: the file does not exist, has an unknown extension, has no text field, or the
-            dataset cannot be loaded.
+        UpcycleError: one line, for a file that does not exist, has an unknown extension, is empty
+            or not UTF-8 text; data without a text field; or data `datasets` cannot load.
     """
     from datasets import load_dataset
 
-    path = Path(data)
-    if path.suffix:
-        if not path.is_file():
-            raise UpcycleError(f"calibration file {data} does not exist")
-        if path.suffix not in LOCAL_FORMATS:
-            raise UpcycleError(
-                f"calibration file {data} has extension {path.suffix!r}; use one of {', '.join(LOCAL_FORMATS)}"
-            )
-        builder = LOCAL_FORMATS[path.suffix]
-        kwargs = {"data_files": {split: str(path)}}
-        if builder == "text":
-            kwargs["sample_by"] = "paragraph"
-        source = (builder, kwargs)
-    else:
-        source = (str(data), {})
+    from upcycle.data_files import DataFileError, load_error_detail, resolve_data_source
+
     try:
-        dataset = load_dataset(source[0], split=split, streaming=True, **source[1])
-    except Exception as err:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
-        raise UpcycleError(f"cannot load calibration data {data}: {str(err).splitlines()[0]}") from None
+        builder, kwargs = resolve_data_source(data, split)
+    except DataFileError as err:
+        raise UpcycleError(f"calibration {err}") from None
     texts: list[str] = []
-    for row in dataset:
-        field = next((name for name in TEXT_FIELDS if name in row), None)
-        if field is None:
-            raise UpcycleError(f"calibration data {data} has no {'/'.join(TEXT_FIELDS)} field (fields: {list(row)})")
-        text = str(row[field]).strip()
-        if text:
-            texts.append(text)
-        if len(texts) >= samples:
-            break
+    try:
+        for row in load_dataset(builder, split=split, streaming=True, **kwargs):
+            field = next((name for name in TEXT_FIELDS if name in row), None)
+            if field is None:
+                raise UpcycleError(
+                    f"calibration data {data} has no {'/'.join(TEXT_FIELDS)} field (fields: {list(row)})"
+                )
+            text = str(row[field]).strip()
+            if text:
+                texts.append(text)
+            if len(texts) >= samples:
+                break
+    except UpcycleError:
+        raise
+    except Exception as err:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
+        raise UpcycleError(f"cannot load calibration data {data}: {load_error_detail(err)}") from None
     if not texts:
         raise UpcycleError(f"calibration data {data} holds no text")
     return texts

@@ -1,2 +1,2 @@
 """The reusable pieces of the fine-tuning recipes (`recipes/finetune.py`): config, data, model
-modes, losses, router metrics, evaluation, checkpoints and the final save."""
+modes, losses, router metrics, the training loop's components, evaluation, checkpoints and the final save."""

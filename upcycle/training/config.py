@@ -3,6 +3,27 @@
 Every key a recipe reads is a dataclass field below, so an unknown or mistyped key, a value of the
 wrong type or a value outside its choices fails at load time with one line that names the key.
 ``load_config(path, ["train.lr=1e-4", "model.upcycle.experts=4"])`` returns a `RecipeConfig`.
+
+Why a hand-written engine (``_coerce``, ``_build``, ``_set_dotted``: about 100 lines) rather than a
+schema library. Measured with pydantic 2.13 on these same dataclasses (``extra="forbid"``):
+
+- pydantic is not a dependency of upcycle nor of anything upcycle depends on (it is installed in
+  the dev environment through unrelated tools); it would add pydantic and the compiled
+  pydantic-core, about 9 MB installed, for one YAML file.
+- Its error for ``train.max_steps=many`` is four lines (``1 validation error for RecipeConfig`` /
+  ``train.max_steps`` / ``Input should be a valid integer, unable to parse string as an integer
+  [type=int_parsing, ...]`` / a documentation URL); a typo such as ``train.lrr`` gives
+  ``Unexpected keyword argument`` without the keys that exist. The one-line ``<key>: <problem>``
+  messages this module gives (``train.lrr: unknown key; known keys here: seed, lr, ...``) would need
+  a translation layer over pydantic's error types anyway.
+- Its default (lax) mode accepts ``max_steps: "3"`` as 3 and ``gradient_checkpointing: "yes"`` as
+  True, which a typed config should refuse; strict mode refuses ``lr: 1e-4`` (YAML 1.1 reads it as a
+  string) and even the nested section mappings (``dataclass_exact_type``), so every field would need
+  its own annotation. Choices would become ``Literal`` types: the code moves, it does not go away.
+- jsonschema (also not a dependency) would mean writing the schema a second time beside the
+  dataclasses. The cross-field rules (`check_values`) stay hand-written with any library.
+
+Revisit if the config needs what `_coerce` does not handle (unions of sections, custom types).
 """
 
 from __future__ import annotations

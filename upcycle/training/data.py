@@ -8,50 +8,33 @@ is taken (prompt tokens, padding). Models shift labels themselves, so position t
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Sampler
 
+from upcycle.data_files import DataFileError, is_local_file, load_error_detail, resolve_data_source
 from upcycle.training.config import ConfigError, DataSection
 
 IGNORE_INDEX = -100
-LOCAL_BUILDERS = {
-    ".txt": "text",
-    ".text": "text",
-    ".md": "text",
-    ".jsonl": "json",
-    ".json": "json",
-    ".parquet": "parquet",
-    ".csv": "csv",
-}
 
 
-def resolve_source(source: str, key: str) -> tuple[str, dict]:
-    """Return ``(builder_or_hub_id, load_dataset kwargs)`` for a local file, a directory or a Hub id.
+def resolve_source(source: str, key: str) -> tuple[str, dict[str, Any]]:
+    """Return ``(builder_or_hub_id, load_dataset kwargs)`` for a local file, a directory or a Hub id
+    (`upcycle.data_files.resolve_data_source`, the resolver calibration uses too).
 
     Raises:
-        ConfigError: a path with a data-file extension that does not exist, or an unknown extension.
+        ConfigError: naming `key`, for any problem the resolver finds (a missing file, an unknown
+            extension, an empty or non-UTF-8 file, an empty directory).
     """
-    path = Path(source)
-    if path.is_file():
-        builder = LOCAL_BUILDERS.get(path.suffix)
-        if builder is None:
-            raise ConfigError(f"{key}: {source} has extension {path.suffix!r}; use one of {', '.join(LOCAL_BUILDERS)}")
-        kwargs: dict[str, Any] = {"data_files": str(path)}
-        if builder == "text":
-            kwargs["sample_by"] = "paragraph"
-        return builder, kwargs
-    if path.is_dir():
-        return str(path), {}
-    if path.suffix in LOCAL_BUILDERS or source.startswith((".", "/", "~")):
-        raise ConfigError(f"{key}: file {source} does not exist")
-    return source, {}
+    try:
+        return resolve_data_source(source)
+    except DataFileError as err:
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def check_data_sources(data: DataSection) -> None:
-    """Fail early (before any model is loaded) on local data files that are missing.
+    """Fail early (before any model is loaded) on local data files that are missing or unreadable.
 
     Raises:
         ConfigError: naming ``data.train`` or ``data.eval``.
@@ -61,27 +44,29 @@ def check_data_sources(data: DataSection) -> None:
         resolve_source(data.eval, "data.eval")
 
 
-def load_raw(source: str, key: str, data: DataSection, split: str):
-    """Return the `datasets.Dataset` split `split` of `source` (local file/dir or Hub id).
+def load_raw(source: str, key: str, data: DataSection, split: str) -> Any:
+    """Return the `datasets.Dataset` split `split` of `source` (local file/dir or Hub id), cut to
+    ``data.max_samples`` rows.
 
     Raises:
-        ConfigError: missing file, or a dataset `datasets` cannot load (one line, naming `key`).
+        ConfigError: as `resolve_source`, a split other than train of a local file, or a dataset
+            `datasets` cannot load (one line, naming `key`).
     """
     from datasets import load_dataset
 
     builder, kwargs = resolve_source(source, key)
-    if builder in LOCAL_BUILDERS.values() and split != "train":
+    if is_local_file(kwargs) and split != "train":
         raise ConfigError(f"{key}: a local file holds a single 'train' split, not {split!r}; set the split to train")
     try:
         dataset = load_dataset(builder, data.subset, split=split, **kwargs)
     except Exception as err:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
-        raise ConfigError(f"{key}: cannot load {source}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{key}: cannot load {source}: {load_error_detail(err)}") from None
     if data.max_samples is not None:
         dataset = dataset.select(range(min(data.max_samples, len(dataset))))
     return dataset
 
 
-def _require_columns(dataset, columns: list[str], key: str, source: str) -> None:
+def _require_columns(dataset: Any, columns: list[str], key: str, source: str) -> None:
     missing = [column for column in columns if column not in dataset.column_names]
     if missing:
         raise ConfigError(
@@ -90,7 +75,7 @@ def _require_columns(dataset, columns: list[str], key: str, source: str) -> None
         )
 
 
-def _bos_eos(tokenizer) -> tuple[list[int], int]:
+def _bos_eos(tokenizer: Any) -> tuple[list[int], int]:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("model.tokenizer: the tokenizer has no eos token, which separates documents and ends answers")
@@ -99,7 +84,7 @@ def _bos_eos(tokenizer) -> tuple[list[int], int]:
     return bos, eos
 
 
-def pack_texts(tokenizer, texts: list[str], seq_len: int) -> list[list[int]]:
+def pack_texts(tokenizer: Any, texts: list[str], seq_len: int) -> list[list[int]]:
     """Return the token ids of `texts` (each as ``[bos] ids eos``) concatenated and cut into blocks
     of `seq_len`; the incomplete last block is dropped."""
     bos, eos = _bos_eos(tokenizer)
@@ -110,7 +95,7 @@ def pack_texts(tokenizer, texts: list[str], seq_len: int) -> list[list[int]]:
     return [stream[start : start + seq_len] for start in range(0, usable, seq_len)]
 
 
-def completion_example(tokenizer, prompt: str, completion: str, seq_len: int) -> dict[str, list[int]]:
+def completion_example(tokenizer: Any, prompt: str, completion: str, seq_len: int) -> dict[str, list[int]]:
     """Return ``input_ids`` = ``[bos] prompt completion eos`` and ``labels`` masking the prompt, cut to `seq_len`."""
     bos, eos = _bos_eos(tokenizer)
     prompt_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -120,7 +105,7 @@ def completion_example(tokenizer, prompt: str, completion: str, seq_len: int) ->
     return {"input_ids": input_ids, "labels": labels}
 
 
-def chat_example(tokenizer, messages: list[dict], seq_len: int) -> dict[str, list[int]]:
+def chat_example(tokenizer: Any, messages: list[dict], seq_len: int) -> dict[str, list[int]]:
     """Return a chat rendered with the tokenizer's chat template, with loss on assistant turns only.
 
     Each assistant turn's tokens are found as the difference between the conversation rendered up
@@ -153,7 +138,7 @@ def chat_example(tokenizer, messages: list[dict], seq_len: int) -> dict[str, lis
     return {"input_ids": input_ids[:seq_len], "labels": labels[:seq_len]}
 
 
-def tokenize_dataset(dataset, tokenizer, data: DataSection, key: str, source: str):
+def tokenize_dataset(dataset: Any, tokenizer: Any, data: DataSection, key: str, source: str) -> Any:
     """Return `dataset` mapped to ``input_ids``/``labels`` columns according to ``data.format``.
 
     Raises:
@@ -163,14 +148,14 @@ def tokenize_dataset(dataset, tokenizer, data: DataSection, key: str, source: st
         _require_columns(dataset, [data.text_field], f"{key}.text_field", source)
         if data.packing:
 
-            def to_blocks(batch):
+            def to_blocks(batch: dict[str, list]) -> dict[str, list[list[int]]]:
                 blocks = pack_texts(tokenizer, [str(t) for t in batch[data.text_field]], data.seq_len)
                 return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
 
             mapped = dataset.map(to_blocks, batched=True, remove_columns=dataset.column_names, num_proc=data.num_proc)
         else:
 
-            def to_document(row):
+            def to_document(row: dict[str, Any]) -> dict[str, list[int]]:
                 bos, eos = _bos_eos(tokenizer)
                 ids = (bos + tokenizer(str(row[data.text_field]), add_special_tokens=False)["input_ids"] + [eos])[
                     : data.seq_len
@@ -203,7 +188,7 @@ def tokenize_dataset(dataset, tokenizer, data: DataSection, key: str, source: st
     return mapped
 
 
-def build_datasets(data: DataSection, tokenizer, seed: int):
+def build_datasets(data: DataSection, tokenizer: Any, seed: int) -> tuple[Any, Any | None]:
     """Return ``(train, eval)`` tokenized datasets; eval is ``data.eval`` or a held-out
     ``data.eval_fraction`` of the raw training documents (split before packing: no leakage), or None.
 
@@ -230,7 +215,7 @@ def build_datasets(data: DataSection, tokenizer, seed: int):
 class PadCollator:
     """Batch examples, right-padding ``input_ids`` with `pad_token_id` and ``labels`` with -100."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -255,7 +240,7 @@ class EpochShuffleSampler(Sampler[int]):
     see exactly the order an uninterrupted single-process run sees.
     """
 
-    def __init__(self, size: int, seed: int):
+    def __init__(self, size: int, seed: int) -> None:
         self.size = size
         self.seed = seed
         self.epoch = 0

@@ -4,14 +4,16 @@ MoPE -> MoE export, and an optional push to the Hub."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from upcycle.checkpoint import atomic_output_dir
+from upcycle.errors import UpcycleError
 from upcycle.training.config import ConfigError
 
 
-def save_final(accelerator, model, tokenizer, directory: Path, run_config: dict) -> Path:
+def save_final(accelerator: Any, model: Any, tokenizer: Any, directory: Path, run_config: dict) -> Path:
     """Save the trained model to `directory` with ``save_pretrained`` and return it.
 
     The full state dict comes from ``accelerator.get_state_dict`` (it gathers FSDP/ZeRO-3 shards,
@@ -41,7 +43,7 @@ def save_final(accelerator, model, tokenizer, directory: Path, run_config: dict)
     return Path(directory)
 
 
-def export_mope_to_moe(accelerator, model, tokenizer, directory: Path) -> Path | None:
+def export_mope_to_moe(accelerator: Any, model: Any, tokenizer: Any, directory: Path) -> Path | None:
     """Write the block-routed MoPE model as a stock Mixtral checkpoint with `mope.export` (main
     process); return the directory there, None elsewhere.
 
@@ -58,7 +60,7 @@ def export_mope_to_moe(accelerator, model, tokenizer, directory: Path) -> Path |
     return path
 
 
-def merge_to_dense(accelerator, final: Path, directory: Path, options: dict) -> Path | None:
+def merge_to_dense(accelerator: Any, final: Path, directory: Path, options: dict) -> Path | None:
     """Fold the saved MoE checkpoint `final` into a dense model at `directory` with `upcycle.merge`
     (main process; ``options`` are its keyword arguments, e.g. ``method``); return the directory there.
 
@@ -80,21 +82,26 @@ def merge_to_dense(accelerator, final: Path, directory: Path, options: dict) -> 
 def check_push_token(repo_id: str | None) -> None:
     """Fail before training, not after it, when ``output.push_to_hub`` is set but no token is available.
 
+    The token lookup is the CLI's (`upcycle.hub`: HF_TOKEN, else the stored login), so a recipe and
+    ``upcycle convert --push-to-hub`` accept and refuse the same setups.
+
     Raises:
         ConfigError: naming ``output.push_to_hub``.
     """
     if not repo_id:
         return
-    from huggingface_hub import get_token
+    from upcycle.hub import _require_token  # the one token check; see upcycle.hub.check_push_token
 
-    if not get_token():
+    try:
+        _require_token(None)
+    except UpcycleError:
         raise ConfigError(
             f"output.push_to_hub: pushing to {repo_id} needs a token with write access; set HF_TOKEN or run "
             "`hf auth login`, or remove the key"
-        )
+        ) from None
 
 
-def push_final(accelerator, directory: Path, repo_id: str, private: bool) -> str | None:
+def push_final(accelerator: Any, directory: Path, repo_id: str, private: bool) -> str | None:
     """Upload `directory` to the Hub model repo `repo_id` from the main process; return the commit URL.
 
     Raises:
