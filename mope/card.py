@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from upcycle.card import TOKENIZER_MARKERS, CardFacts, is_hub_id, write_card
-from upcycle.convert import ConvertSummary
+from upcycle.summaries import ConvertSummary
 
 MOPE_EXPORT_LIMITATIONS = (
     "Layers the adapter left out hold identical copies of the dense FFN behind a zero router; they compute the "

@@ -31,16 +31,13 @@ fused layouts, config (with an ``upcycle`` provenance section) and model card as
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mope.card import write_mope_export_card
 from mope.config import MoPEConfig
@@ -48,11 +45,19 @@ from mope.errors import MoPEExportError, MoPEMergeError
 from mope.layer import GatedFFNBlock, Linear
 from mope.routing import is_softmax_renormalised, router_kind
 from upcycle import __version__
-from upcycle.checkpoint import CONFIG_FILE, StreamingWriter, TensorSpec, atomic_output_dir, parse_dtype
-from upcycle.convert import ConvertSummary, PlannedTensor, build_target_config, count_parameters, parse_size
+from upcycle.checkpoint import (
+    PlannedTensor,
+    TensorSpec,
+    count_parameters,
+    dtype_name,
+    parse_dtype,
+    parse_shard_size,
+    write_checkpoint,
+)
 from upcycle.errors import UpcycleError
-from upcycle.families import find_family
-from upcycle.families.base import FamilyPair
+from upcycle.families import FamilyPair, find_family
+from upcycle.families.configs import build_target_config
+from upcycle.summaries import ConvertSummary, active_parameters
 
 _PROJECTIONS = ("gate", "up", "down")
 _MOPE_PROJECTIONS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -113,6 +118,7 @@ def export(
         raise MoPEExportError(f"{out} already exists; choose another output or pass force=True (--force).")
     if peft_config.routing != "block":
         raise MoPEExportError(_LINEAR_ROUTING_MESSAGE)
+    parse_shard_size(max_shard_size)
     source_config = base.config.to_dict()
     try:
         family = find_family(source_config)
@@ -134,7 +140,8 @@ def export(
         dense.pop("lm_head.weight", None)
     plan, expert_size = _plan(family, layout, dense, blocks, adapter_name, num_experts, out_dtype)
     hidden = int(source_config["hidden_size"])
-    total, active = count_parameters(plan, num_experts, top_k, expert_size, hidden, len(blocks))
+    total = count_parameters(planned.spec for planned in plan)
+    active = active_parameters(total, len(blocks), num_experts, top_k, 3 * expert_size * hidden)
 
     source = str(peft_config.base_model_name_or_path or getattr(base.config, "_name_or_path", "") or "base model")
     settings = {
@@ -142,7 +149,7 @@ def export(
         "num_experts": num_experts,
         "top_k": top_k,
         "layout": layout,
-        "dtype": str(out_dtype).replace("torch.", ""),
+        "dtype": dtype_name(out_dtype),
         "router": router_kind(peft_config),
         "r": peft_config.r,
         "lora_alpha": peft_config.lora_alpha,
@@ -176,7 +183,7 @@ def export(
         config = build_target_config(family, source_config, num_experts, top_k, expert_size, provenance)
     except UpcycleError as exc:
         raise MoPEExportError(f"cannot build the {family.target_model_type} config: {exc}") from None
-    config["dtype"] = str(out_dtype).replace("torch.", "")
+    config["dtype"] = dtype_name(out_dtype)
     summary = ConvertSummary(
         output=out,
         family=family.name,
@@ -191,17 +198,17 @@ def export(
         active_parameters=active,
         settings=settings,
     )
-    with atomic_output_dir(out, force) as directory, torch.no_grad():
-        writer = StreamingWriter(directory, [planned.spec for planned in plan], parse_size(max_shard_size))
-        for planned in tqdm(plan, desc="writing tensors", unit="tensor", disable=quiet):
-            writer.write(planned.spec.name, planned.compute())
-        writer.close()
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for path in side_files:
-            shutil.copyfile(path, directory / Path(path).name)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
-        write_mope_export_card(directory, summary, command, card_model_id)
+    write_checkpoint(
+        out,
+        weights=plan,
+        config=config,
+        side_files=[Path(path) for path in side_files],
+        extras=None if tokenizer is None else tokenizer.save_pretrained,
+        card=lambda directory: write_mope_export_card(directory, summary, command, card_model_id),
+        force=force,
+        max_shard_size=max_shard_size,
+        quiet=quiet,
+    )
     return summary
 
 

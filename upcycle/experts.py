@@ -35,7 +35,7 @@ GRANULAR_SCALINGS = ("paper", "down")
 
 
 @dataclass(frozen=True)
-class DenseFFN:
+class LazyFFN:
     """One layer's dense gated FFN, read lazily: `dense("gate")` returns the gate weight (I, H);
     `size` is I, known without reading."""
 
@@ -105,22 +105,22 @@ class ExpertBuilder:
         """Return how many consecutive experts share one router row (virtual groups; 1 = none)."""
         return 1
 
-    def routed_dense(self, dense: DenseFFN) -> DenseFFN:
+    def routed_dense(self, dense: LazyFFN) -> LazyFFN:
         """Return the dense FFN restricted to the neurons that feed routed experts."""
         start = self.shared_size(dense.size)
         if start == 0:
             return dense
-        return DenseFFN(lambda name: neuron_slice(dense(name), name, slice(start, None)), dense.size - start)
+        return LazyFFN(lambda name: neuron_slice(dense(name), name, slice(start, None)), dense.size - start)
 
-    def projection(self, name: str, layer: int, expert: int, dense: DenseFFN) -> torch.Tensor:
+    def projection(self, name: str, layer: int, expert: int, dense: LazyFFN) -> torch.Tensor:
         """Return the `name` ("gate"/"up"/"down") weight of routed expert `expert` in `layer` (a fresh tensor)."""
         return self.routed_projection(name, layer, expert, self.routed_dense(dense))
 
-    def shared_projection(self, name: str, dense: DenseFFN) -> torch.Tensor:
+    def shared_projection(self, name: str, dense: LazyFFN) -> torch.Tensor:
         """Return the `name` weight of the shared expert: the dense FFN's first shared neurons, unscaled."""
         return neuron_slice(dense(name), name, slice(0, self.shared_size(dense.size)))
 
-    def routed_projection(self, name: str, layer: int, expert: int, dense: DenseFFN) -> torch.Tensor:
+    def routed_projection(self, name: str, layer: int, expert: int, dense: LazyFFN) -> torch.Tensor:
         """Return the `name` weight of routed expert `expert`, built from `dense` (the routed neurons)."""
         raise NotImplementedError
 
@@ -317,7 +317,7 @@ class PartitionExperts(ExpertBuilder):
     def _split_reason(self) -> str:
         return f"{self.num_experts} routed + {self.shared_experts} shared experts"
 
-    def neuron_groups(self, layer: int, dense: DenseFFN) -> list[torch.Tensor]:
+    def neuron_groups(self, layer: int, dense: LazyFFN) -> list[torch.Tensor]:
         """Return, per routed expert of `layer`, the sorted indices of its neurons among the routed
         neurons (cached per layer: a few integers per neuron)."""
         if layer not in self._groups:
@@ -340,7 +340,7 @@ class PartitionExperts(ExpertBuilder):
             piece = (piece.float() * self.num_experts).to(piece.dtype)
         return piece
 
-    def centroid_rows(self, layer: int, dense: DenseFFN) -> torch.Tensor:
+    def centroid_rows(self, layer: int, dense: LazyFFN) -> torch.Tensor:
         """Return (E, H) router rows: the mean gate row of each expert's neurons, so an expert's
         logit is its neurons' mean gate pre-activation."""
         routed = self.routed_dense(dense)

@@ -10,15 +10,12 @@ Calibration, when asked for, runs the MoE once and records routing statistics fo
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from upcycle import __version__
 from upcycle.calibration import (
@@ -29,15 +26,16 @@ from upcycle.calibration import (
     load_calibration_texts,
 )
 from upcycle.checkpoint import (
-    CONFIG_FILE,
-    StreamingWriter,
+    PlannedTensor,
     TensorSpec,
-    atomic_output_dir,
     check_output_dir,
+    count_parameters,
+    dtype_name,
     open_checkpoint,
     parse_dtype,
+    parse_shard_size,
+    write_checkpoint,
 )
-from upcycle.convert import PlannedTensor, parse_size
 from upcycle.errors import UpcycleError
 from upcycle.families.base import NEVER_COPIED
 from upcycle.merging import methods
@@ -532,7 +530,7 @@ def merge(
     output = Path(output)
     _validate_settings(method, experts, density, calibration)
     out_dtype = parse_dtype(dtype)
-    max_shard_bytes = parse_size(max_shard_size)
+    parse_shard_size(max_shard_size)
     check_output_dir(output, force)
     moe = open_moe(source, revision=revision)
     if experts is not None and not 1 <= experts < moe.num_experts:
@@ -568,7 +566,7 @@ def merge(
     top_k_out = min(moe.top_k, experts) if experts is not None else None
     settings = {
         "method": method,
-        "dtype": str(out_dtype or "auto").replace("torch.", ""),
+        "dtype": dtype_name(out_dtype),
         "seed": seed,
         **({"density": density, "scale": scale} if method in TASK_VECTOR_METHODS else {}),
         **({"experts": experts, "top_k": top_k_out} if experts is not None else {}),
@@ -591,18 +589,16 @@ def merge(
         top_k_out=top_k_out,
         moe_layers=moe.moe_layers,
         intermediate_size=_dense_width(plan) if experts is None else moe.expert_size,
-        total_parameters=sum(p.spec.nbytes // p.spec.dtype.itemsize for p in planned),
+        total_parameters=count_parameters(p.spec for p in planned),
         base=base_ffn.description if base_ffn is not None else None,
         calibration=calibration_info,
         expert_weights=plan.expert_weights,
         groups=plan.groups,
         settings=settings,
     )
-    with atomic_output_dir(output, force) as directory:
-        writer = StreamingWriter(directory, [p.spec for p in planned], max_shard_bytes)
-        for item in tqdm(planned, desc="merging tensors", unit="tensor", disable=quiet):
-            writer.write(item.spec.name, item.compute())
-        writer.close()
+
+    def merged_config(directory: Path) -> dict:
+        # Built once the tensors are written: the layer computations fill in the expert weights and groups.
         provenance = {
             "version": __version__,
             "operation": "merge",
@@ -624,8 +620,17 @@ def merge(
             config = build_grouped_config(moe, experts, top_k_out, provenance)
         if out_dtype is not None:
             config["dtype"] = settings["dtype"]
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for path in moe.checkpoint.extra_files:
-            shutil.copyfile(path, directory / path.name)
-        write_merge_card(directory, summary, command=command)
+        return config
+
+    write_checkpoint(
+        output,
+        weights=planned,
+        config=merged_config,
+        side_files=moe.checkpoint.extra_files,
+        card=lambda directory: write_merge_card(directory, summary, command=command),
+        force=force,
+        max_shard_size=max_shard_size,
+        quiet=quiet,
+        desc="merging tensors",
+    )
     return summary

@@ -312,8 +312,8 @@ def routing_report(
     from transformers import AutoTokenizer
 
     from upcycle.calibration import calibration_batches, load_calibration_texts
-    from upcycle.generic.convert import progress_bars
     from upcycle.generic.load import load
+    from upcycle.progress import progress_bars
 
     texts = load_calibration_texts(data, samples=samples)
     try:

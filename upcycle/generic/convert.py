@@ -8,11 +8,8 @@ and `save_pretrained` around a module swap. Peak memory is the source plus its F
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,14 +18,15 @@ from upcycle import __version__
 from upcycle.card import EXACT_LIMITATION, UPCYCLE_LIMITATIONS, CardFacts, write_card
 from upcycle.checkpoint import (
     CONFIG_FILE,
-    GENERATION_CONFIG,
-    TOKENIZER_FILES,
-    atomic_output_dir,
+    SIDE_FILES,
     check_output_dir,
+    dtype_name,
     parse_dtype,
     resolve_source,
+    write_checkpoint,
 )
 from upcycle.errors import UpcycleError
+from upcycle.families import find_family
 from upcycle.generic.modeling import (
     CLASS_PREFIX,
     FORMAT,
@@ -39,8 +37,10 @@ from upcycle.generic.modeling import (
 )
 from upcycle.generic.sites import site_for
 from upcycle.moe import MoE, moe_modules
+from upcycle.progress import progress_bars
+from upcycle.summaries import ConvertSummary, active_parameters
 
-__all__ = ["convert_generic", "generic_requested", "load_source_model", "progress_bars"]
+__all__ = ["convert_generic", "generic_requested", "load_source_model"]
 
 
 def load_source_model(directory: Path, dtype: torch.dtype | None) -> torch.nn.Module:
@@ -68,11 +68,11 @@ def load_source_model(directory: Path, dtype: torch.dtype | None) -> torch.nn.Mo
 
 def _parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     total = sum(parameter.numel() for parameter in model.parameters())
-    inactive = 0
+    active = total
     for _, block in moe_modules(model):
         per_expert = sum(parameter[0].numel() for parameter in block.experts.parameters())
-        inactive += (block.num_experts - block.top_k) * per_expert
-    return total, total - inactive
+        active = active_parameters(active, 1, block.num_experts, block.top_k, per_expert)
+    return total, active
 
 
 def convert_generic(
@@ -114,8 +114,6 @@ def convert_generic(
         UpcycleError: bad settings, no FFN found, an unreadable source, or an existing output
             without ``force``; nothing is left at ``output`` then.
     """
-    from upcycle.convert import ConvertSummary
-
     output = Path(output)
     if experts < 1:
         raise UpcycleError(f"--experts must be at least 1, got {experts}")
@@ -130,14 +128,15 @@ def convert_generic(
     site = site_for(config.model_type, ffn_pattern)
     router_options = dict(router_options or {})
     block_options = dict(block_options or {})
-    torch.manual_seed(seed)
-    replaced = replace_sites(
-        model,
-        site,
-        lambda ffn: MoE.from_dense(
-            ffn, experts, top_k, router=router, router_options=router_options, **block_options
-        ).eval(),
-    )
+    with torch.random.fork_rng(devices=[]):  # the routers' init draws from the global generator; restore it after
+        torch.manual_seed(seed)
+        replaced = replace_sites(
+            model,
+            site,
+            lambda ffn: MoE.from_dense(
+                ffn, experts, top_k, router=router, router_options=router_options, **block_options
+            ).eval(),
+        )
     architecture = type(model).__name__
     classes = auto_classes(config.model_type, architecture)
     if architecture not in classes.values():
@@ -152,7 +151,7 @@ def convert_generic(
         "block_options": block_options,
         "seed": seed,
         "expert_init": "copy",
-        "dtype": str(out_dtype or "auto").replace("torch.", ""),
+        "dtype": dtype_name(out_dtype),
     }
     section = {
         "format": FORMAT,
@@ -181,40 +180,33 @@ def convert_generic(
         active_parameters=active,
         settings=settings,
     )
-    with atomic_output_dir(output, force) as temporary:
+
+    def save_weights(directory: Path) -> None:
         with progress_bars(not quiet):
             # Module names as they are in memory: transformers skips its legacy key renames (GPT-NeoX
             # `lm_head` saved as `embed_out`) when it loads custom classes, so it must not apply them here.
-            model.save_pretrained(temporary, save_original_format=False)
-        config_path = temporary / CONFIG_FILE
-        saved = json.loads(config_path.read_text())
+            model.save_pretrained(directory, save_original_format=False)
+
+    def amended_config(directory: Path) -> dict:
+        saved = json.loads((directory / CONFIG_FILE).read_text())
         saved["upcycle"] = section
         saved["architectures"] = [f"{CLASS_PREFIX}{architecture}"]
         saved["auto_map"] = {auto: f"{MODELING_FILE[:-3]}.{CLASS_PREFIX}{cls}" for auto, cls in classes.items()}
-        config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-        (temporary / MODELING_FILE).write_text(modeling_source(classes))
-        for file_name in (*TOKENIZER_FILES, GENERATION_CONFIG):
-            if (directory / file_name).is_file() and not (temporary / file_name).is_file():
-                shutil.copyfile(directory / file_name, temporary / file_name)
-        _write_card(temporary, summary, classes, replaced, command, card_model_id or str(output))
+        return saved
+
+    write_checkpoint(
+        output,
+        weights=save_weights,
+        config=amended_config,
+        side_files=[directory / name for name in SIDE_FILES if (directory / name).is_file()],
+        extras=lambda target: (target / MODELING_FILE).write_text(modeling_source(classes)),
+        card=lambda target: _write_card(target, summary, classes, replaced, command, card_model_id or str(output)),
+        force=force,
+        quiet=quiet,
+    )
     if not quiet:
         print(f"upcycled {len(replaced)} FFNs ({replaced[0]}, ...) into MoE blocks with {experts} experts")
     return summary
-
-
-@contextlib.contextmanager
-def progress_bars(enabled: bool) -> Iterator[None]:
-    """Turn transformers' loading/saving progress bars off inside the block when not ``enabled``."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if not enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _write_card(
@@ -278,8 +270,6 @@ def generic_requested(
     Raises:
         UpcycleError: generic-only options with a stock target, or stock-only options with the generic format.
     """
-    from upcycle.families import find_family
-
     generic_only = [
         flag
         for flag, given in (

@@ -168,7 +168,7 @@ def open_moe(source: str | Path, revision: str | None = None) -> MoESource:
         UpcycleError: not a supported MoE (a dense model included), no expert tensors, or expert
             tensors whose shapes disagree with the config.
     """
-    from upcycle.convert import normalized_source_config
+    from upcycle.families.configs import normalized_source_config
 
     checkpoint = open_checkpoint(source, revision=revision)
     family = find_family_for_moe(checkpoint.config)

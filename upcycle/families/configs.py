@@ -1,0 +1,68 @@
+"""config.json of a target: the source config read as transformers reads it, and a stock MoE
+config built from it (every attention/norm/rope field carried over, the family's MoE fields set)."""
+
+from __future__ import annotations
+
+from upcycle.errors import UpcycleError
+from upcycle.families.base import NEVER_COPIED, FamilyPair
+
+
+def normalized_source_config(config: dict) -> dict:
+    """Return the source config as its transformers class writes it (legacy rope fields folded into
+    `rope_parameters`, every default explicit).
+
+    Raises:
+        UpcycleError: transformers does not know the model_type or rejects the config.
+    """
+    from transformers import AutoConfig
+
+    fields = {key: value for key, value in config.items() if key != "model_type"}
+    try:
+        return AutoConfig.for_model(config["model_type"], **fields).to_dict()
+    except (ValueError, KeyError, TypeError) as err:
+        raise UpcycleError(f"transformers cannot read this {config['model_type']!r} config: {err}") from None
+
+
+def build_target_config(
+    family: FamilyPair,
+    source_config: dict,
+    num_experts: int,
+    top_k: int,
+    expert_size: int,
+    provenance: dict,
+    shared_expert_size: int = 0,
+    dense_layers: list[int] | None = None,
+) -> dict:
+    """Return the target config.json content: the target class's full dict, source fields carried over.
+
+    `dense_layers` (layers that keep their dense FFN) go to the family's `dense_layers_field`.
+
+    Raises:
+        UpcycleError: transformers rejects the resulting config.
+    """
+    from transformers import AutoConfig
+
+    target_defaults = AutoConfig.for_model(family.target_model_type).to_dict()
+    fields = {
+        key: value
+        for key, value in source_config.items()
+        if key not in NEVER_COPIED
+        and key not in family.dropped_fields
+        and (key in target_defaults or key in family.extra_copied_fields)
+    }
+    fields.update(family.overrides)
+    fields[family.experts_field] = num_experts
+    fields[family.top_k_field] = top_k
+    fields[family.expert_size_field] = expert_size
+    if family.shared_expert_size_field:
+        fields[family.shared_expert_size_field] = shared_expert_size
+    if family.dense_layers_field:
+        fields[family.dense_layers_field] = sorted(dense_layers or [])
+    try:
+        target = AutoConfig.for_model(family.target_model_type, **fields)
+    except (ValueError, TypeError) as err:
+        raise UpcycleError(f"cannot build a {family.target_model_type} config: {err}") from None
+    config = target.to_dict()
+    config["architectures"] = [family.target_architecture]
+    config["upcycle"] = provenance
+    return config
