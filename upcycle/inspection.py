@@ -11,6 +11,7 @@ templates the family modules declare (GraniteMoE's `input_linear`/`output_linear
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -21,28 +22,11 @@ from safetensors import safe_open
 from upcycle.checkpoint import CONFIG_FILE, open_checkpoint, resolve_source
 from upcycle.errors import UpcycleError
 from upcycle.families import FAMILIES
+from upcycle.families.moe_fields import EXPERTS_FIELDS, TOP_K_FIELDS, first_positive_field, router_kind
 
 SCHEMA_VERSION = 1
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-# Config fields that hold the routed expert count / experts per token, across stock MoE classes.
-EXPERTS_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-TOP_K_FIELDS = ("num_experts_per_tok", "top_k", "moe_top_k", "num_selected_experts")
-
-# How each stock MoE class turns router logits into expert weights ("softmax_topk": softmax over
-# all experts, keep the k largest; "topk_softmax": keep the k largest logits, softmax over them,
-# which equals softmax_topk renormalised). The renormalise flag: True, False, or a config field.
-ROUTER_KINDS: dict[str, tuple[str, bool | str]] = {
-    "mixtral": ("softmax_topk", True),
-    "qwen2_moe": ("softmax_topk", "norm_topk_prob"),
-    "qwen3_moe": ("softmax_topk", "norm_topk_prob"),
-    "olmoe": ("softmax_topk", "norm_topk_prob"),
-    "flex_olmo": ("softmax_topk", "norm_topk_prob"),
-    "granitemoe": ("topk_softmax", True),
-    "phimoe": ("sparsemixer", False),
-    "deepseek_v3": ("sigmoid_grouped_topk", "norm_topk_prob"),
-}
 
 _PER_EXPERT = re.compile(r"\.layers\.(?P<layer>\d+)\.(?:.+\.)?experts\.(?P<expert>\d+)\.")
 _FUSED_GENERIC = re.compile(r"\.layers\.(?P<layer>\d+)\.(?:.+\.)?experts\.(?P<name>[A-Za-z_]\w*)(?:\.weight)?$")
@@ -59,27 +43,6 @@ def _fused_family_patterns() -> list[re.Pattern]:
                 for template in (layout.gate_up, layout.down):
                     patterns.add(re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)") + "$")
     return [re.compile(pattern) for pattern in sorted(patterns)]
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
-def _first_field(config: dict, fields: tuple[str, ...]) -> int | None:
-    for name in fields:
-        if isinstance(config.get(name), int):
-            return config[name]
-    return None
-
-
-def _router(config: dict) -> dict[str, Any]:
-    kind, renormalise = ROUTER_KINDS.get(config.get("model_type", ""), ("unknown", None))
-    if isinstance(renormalise, str):
-        renormalise = config.get(renormalise)
-    return {"kind": kind, "renormalize": renormalise}
 
 
 def inspect_model(directory: Path, name: str) -> dict[str, Any]:
@@ -101,7 +64,7 @@ def inspect_model(directory: Path, name: str) -> dict[str, Any]:
     for tensor, shape in shapes.items():
         if match := _PER_EXPERT.search(tensor):
             layer = int(match["layer"])
-            routed[layer] += _numel(shape)
+            routed[layer] += math.prod(shape)
             experts_in[layer].add(int(match["expert"]))
             layouts.add("per-expert")
             if tensor.endswith(("down_proj.weight", "w2.weight")):
@@ -110,7 +73,7 @@ def inspect_model(directory: Path, name: str) -> dict[str, Any]:
         fused = next((m for p in fused_patterns if (m := p.search(tensor))), None) or _FUSED_GENERIC.search(tensor)
         if fused and len(shape) == 3:
             layer = int(fused["layer"])
-            routed[layer] += _numel(shape)
+            routed[layer] += math.prod(shape)
             fused_experts[layer] = shape[0]
             layouts.add("fused")
             if "down" in tensor or "output_linear" in tensor:
@@ -124,14 +87,14 @@ def inspect_model(directory: Path, name: str) -> dict[str, Any]:
     layer_indices = {int(m.group(1)) for tensor in shapes if (m := _LAYER.search(tensor))}
     num_layers = int(config.get("num_hidden_layers") or (max(layer_indices) + 1 if layer_indices else 0))
     num_experts = max(experts_per_layer.values()) if experts_per_layer else None
-    top_k = _first_field(config, TOP_K_FIELDS) if moe_layers else None
-    declared = _first_field(config, EXPERTS_FIELDS)
+    top_k = first_positive_field(config, TOP_K_FIELDS) if moe_layers else None
+    declared = first_positive_field(config, EXPERTS_FIELDS)
     if num_experts is not None and declared is not None and declared != num_experts:
         raise UpcycleError(
             f"{name}: config.json declares {declared} experts but the weights hold {num_experts}; "
             "the checkpoint is inconsistent"
         )
-    total = sum(_numel(shape) for shape in shapes.values())
+    total = sum(math.prod(shape) for shape in shapes.values())
     active = total
     if moe_layers and top_k is not None:
         for layer in moe_layers:
@@ -158,7 +121,7 @@ def inspect_model(directory: Path, name: str) -> dict[str, Any]:
         "expert_size": expert_size,
         "shared_experts": 1 if shared_width > 0 else 0,
         "shared_expert_size": shared_width,
-        "router": _router(config) if moe_layers else None,
+        "router": router_kind(config) if moe_layers else None,
         "total_parameters": total,
         "active_parameters": active if (not moe_layers or top_k is not None) else None,
         "dtypes": dtypes,
@@ -218,9 +181,9 @@ def inspect_adapter(directory: Path, name: str) -> dict[str, Any]:
         kept = experts if top_k == 0 else min(top_k, experts)
         parameters = routed = 0
         for kind, _, shape in entries:
-            parameters += _numel(shape)
+            parameters += math.prod(shape)
             if kind in ("mope_A", "mope_B") and len(shape) == 3 and shape[0] == experts:
-                routed += _numel(shape)
+                routed += math.prod(shape)
         total += parameters
         active += parameters - (routed // experts * (experts - kept) if experts else 0)
         layer = _LAYER.search(f".{module}.")

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from upcycle.errors import UpcycleError
+from upcycle.families.moe_fields import TOP_K_FIELDS, first_positive_field
 from upcycle.moe import apply_capacity, expert_capacity, moe_modules
 
 __all__ = ["LayerRouting", "RoutingReport", "analyze_routing", "routing_report", "write_report"]
@@ -35,7 +36,6 @@ __all__ = ["LayerRouting", "RoutingReport", "analyze_routing", "routing_report",
 REPORT_FILE = "routes.json"
 LOAD_PLOT = "expert_load.png"
 DROP_PLOT = "drop_by_position.png"
-TOP_K_FIELDS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts")
 
 
 @dataclass
@@ -163,10 +163,9 @@ class _LayerAccumulator:
 
 
 def _stock_top_k(config) -> int:
-    for name in TOP_K_FIELDS:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    top_k = first_positive_field(config, TOP_K_FIELDS)
+    if top_k is not None:
+        return top_k
     raise UpcycleError(f"cannot tell the top-k of this {config.model_type} MoE (no {'/'.join(TOP_K_FIELDS)} field)")
 
 

@@ -1,0 +1,46 @@
+"""Facts about stock MoE configs beyond the pairs we write: which fields hold the expert count and
+top-k, and how each stock class turns router logits into expert weights. `upcycle inspect` and
+`upcycle routes` read any MoE, including ones upcycle does not produce (OLMoE, PhiMoE, DeepSeek-V3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# Config fields that hold the routed expert count / experts per token, across stock MoE classes,
+# in the order they are tried.
+EXPERTS_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+TOP_K_FIELDS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts")
+
+# How each stock MoE class turns router logits into expert weights ("softmax_topk": softmax over
+# all experts, keep the k largest; "topk_softmax": keep the k largest logits, softmax over them,
+# which equals softmax_topk renormalised). The renormalise flag: True, False, or a config field.
+ROUTER_KINDS: dict[str, tuple[str, bool | str]] = {
+    "mixtral": ("softmax_topk", True),
+    "qwen2_moe": ("softmax_topk", "norm_topk_prob"),
+    "qwen3_moe": ("softmax_topk", "norm_topk_prob"),
+    "olmoe": ("softmax_topk", "norm_topk_prob"),
+    "flex_olmo": ("softmax_topk", "norm_topk_prob"),
+    "granitemoe": ("topk_softmax", True),
+    "phimoe": ("sparsemixer", False),
+    "deepseek_v3": ("sigmoid_grouped_topk", "norm_topk_prob"),
+}
+
+
+def first_positive_field(config: Mapping[str, Any] | object, fields: tuple[str, ...]) -> int | None:
+    """Return the first of `fields` that `config` (a config.json dict or a config object) holds as a
+    positive int, or None."""
+    for name in fields:
+        value = config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def router_kind(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Return {"kind": how the router weighs experts, "renormalize": True/False/None} for a MoE config."""
+    kind, renormalise = ROUTER_KINDS.get(config.get("model_type", ""), ("unknown", None))
+    if isinstance(renormalise, str):
+        renormalise = config.get(renormalise)
+    return {"kind": kind, "renormalize": renormalise}
