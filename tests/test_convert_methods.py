@@ -239,16 +239,16 @@ def test_kmeans_router_balances_load_better_than_random_on_calibration_text(tmp_
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        (dict(drop_ratio=0.3), "--drop-ratio does not apply to --method copy"),
-        (dict(method="drop", drop_ratio=1.5), "--drop-ratio must be between 0 and 1"),
+        (dict(drop_ratio=0.3), "drop_ratio does not apply to method copy"),
+        (dict(method="drop", drop_ratio=1.5), "drop_ratio must be above 0 and at most 1"),
         (dict(method="granular", granularity=3), "do not split into 3 equal expert widths"),
         (dict(method="granular", granularity=4), "grouped matmul"),
-        (dict(router_init="kmeans"), "--router-init kmeans needs --calibration"),
-        (dict(router_init="centroids"), "needs --method partition"),
-        (dict(method="partition", router_init="kmeans", calibration="x.txt"), "use --router-init centroids"),
+        (dict(router_init="kmeans"), "router_init kmeans needs calibration"),
+        (dict(router_init="centroids"), "needs method partition"),
+        (dict(method="partition", router_init="kmeans", calibration="x.txt"), "use router_init centroids"),
         (dict(shared_experts=1), "mixtral has no shared expert"),
         (dict(moe_layers="0"), "mixtral cannot keep layers dense"),
-        (dict(moe_layers="every:x"), "cannot read --moe-layers"),
+        (dict(moe_layers="every:x"), "cannot read moe_layers"),
         (dict(moe_layers="0,7"), "names layers [7]"),
     ],
 )

@@ -131,8 +131,8 @@ def test_ffn_pattern_matching_nothing_is_an_error_and_leaves_no_output(sources, 
 @pytest.mark.parametrize(
     "options,message",
     [
-        (dict(target="mixtral", router="cosine"), "--router need the generic format"),
-        (dict(target="generic", layout="fused"), "--layout apply to stock MoE targets only"),
+        (dict(target="mixtral", router="cosine"), "router need the generic format"),
+        (dict(target="generic", layout="fused"), "layout apply to stock MoE targets only"),
         (dict(target="generic", router="nope"), "unknown router kind 'nope'"),
     ],
 )

@@ -152,5 +152,5 @@ def test_routes_refuses_a_dense_model_and_an_existing_output(text_file, tmp_path
     (tmp_path / "exists").mkdir()
     assert main(["routes", str(TINY_LLAMA), "--data", str(text_file), "--out", str(tmp_path / "exists")]) == 2
     assert "already exists" in capsys.readouterr().err
-    with pytest.raises(UpcycleError, match="capacity-factor must be positive"):
+    with pytest.raises(UpcycleError, match="capacity_factor must be positive"):
         analyze_routing(torch.nn.Linear(2, 2), [], capacity_factor=0)

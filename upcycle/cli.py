@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from upcycle.errors import UpcycleError
+from upcycle.errors import UpcycleError, cli_spelling
 
 EXIT_USER_ERROR = 2
 COMMANDS = ("convert", "push", "inspect", "merge", "routes")
@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code: 0 on success, 2 on a user error or an interrupt."""
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with cli_spelling():
+            return args.run(args)
     except UpcycleError as err:
         print(f"upcycle: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -16,12 +16,12 @@ from upcycle.checkpoint import (
     parse_shard_size,
     write_checkpoint,
 )
-from upcycle.errors import UpcycleError
+from upcycle.errors import UpcycleError, flag
 from upcycle.experts import make_expert_builder
 from upcycle.families import find_family
 from upcycle.families.configs import build_target_config, normalized_source_config
 from upcycle.generic.convert import convert_generic, generic_requested
-from upcycle.options import parse_moe_layers
+from upcycle.options import check_count, check_real, parse_moe_layers
 from upcycle.router_init import calibrated_router_rows, check_router_init
 from upcycle.stock_plan import plan_conversion
 from upcycle.summaries import ConvertSummary, active_parameters
@@ -94,25 +94,33 @@ def convert(
             without `force`. Nothing is left at `output` (or next to it) when it raises.
     """
     output = Path(output)
-    if experts < 1:
-        raise UpcycleError(f"--experts must be at least 1, got {experts}")
-    if calibration_samples < 1 or calibration_tokens < 1:
-        raise UpcycleError("--calibration-samples must be at least 1")
-    if top_k < 1 or top_k > experts:
-        raise UpcycleError(f"--top-k must be between 1 and --experts ({experts}), got {top_k}")
+    check_count("experts", experts)
+    check_count("top_k", top_k, 1, experts)
+    check_count("seed", seed, 0)
+    check_count("calibration_samples", calibration_samples)
+    check_count("calibration_max_length", calibration_max_length)
+    check_count("calibration_tokens", calibration_tokens)
+    check_count("shared_experts", shared_experts, 0)
+    check_real("noise", noise, minimum=0.0)
+    if router_std is not None:
+        check_real("router_std", router_std, minimum=0.0)
+    if drop_ratio is not None:
+        check_real("drop_ratio", drop_ratio, minimum=0.0, maximum=1.0, exclusive_minimum=True)
+    if granularity is not None:
+        check_count("granularity", granularity)
     out_dtype = parse_dtype(dtype)
     parse_shard_size(max_shard_size)
     check_output_dir(output, force)
 
     checkpoint = open_checkpoint(source, revision=revision)
     stock_only = {
-        "--layout": layout is not None,
-        "--method": method != "copy",
-        "--noise": noise > 0,
-        "--shared-experts": shared_experts > 0,
-        "--router-init": router_init is not None,
-        "--router-std": router_std is not None,
-        "--moe-layers": moe_layers != "all",
+        "layout": layout is not None,
+        "method": method != "copy",
+        "noise": noise > 0,
+        "shared_experts": shared_experts > 0,
+        "router_init": router_init is not None,
+        "router_std": router_std is not None,
+        "moe_layers": moe_layers != "all",
     }
     generic_options = {"router": router, "router_options": router_options, "ffn_pattern": ffn_pattern}
     if generic_requested(target, checkpoint.config, **generic_options, stock_options=stock_only, quiet=quiet):
@@ -135,19 +143,20 @@ def convert(
     layout = layout or family.default_layout
     if layout not in family.layouts:
         raise UpcycleError(
-            f"{family.target_model_type} has no {layout!r} layout; use --layout {' or '.join(family.layouts)}"
+            f"{family.target_model_type} has no {layout!r} layout; use {flag('layout')} {' or '.join(family.layouts)}"
         )
     std = float(router_std if router_std is not None else source_config.get("initializer_range", 0.02))
     num_layers = int(source_config["num_hidden_layers"])
     selected_layers = parse_moe_layers(moe_layers, num_layers)
     if len(selected_layers) < num_layers and not family.dense_layers_field:
         raise UpcycleError(
-            f"{family.target_model_type} cannot keep layers dense (every layer is MoE); use --moe-layers all, "
+            f"{family.target_model_type} cannot keep layers dense (every layer is MoE); use {flag('moe_layers')} all, "
             f"or a target that can (qwen2_moe, qwen3_moe)"
         )
     if shared_experts and family.shared_expert is None:
         raise UpcycleError(
-            f"{family.target_model_type} has no shared expert; drop --shared-experts or use --target qwen2_moe"
+            f"{family.target_model_type} has no shared expert; "
+            f"drop {flag('shared_experts')} or use {flag('target')} qwen2_moe"
         )
     builder = make_expert_builder(
         method,

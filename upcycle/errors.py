@@ -1,5 +1,31 @@
-"""The one exception type for user mistakes: the CLI prints its message on one line and exits 2."""
+"""The one exception type for user mistakes (the CLI prints its message on one line and exits 2),
+and how messages spell an option: as the CLI flag (`--top-k`) when the CLI runs, as the Python
+keyword (`top_k`) when the library is called from Python."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+_CLI_SPELLING: ContextVar[bool] = ContextVar("upcycle_cli_spelling", default=False)
 
 
 class UpcycleError(Exception):
     """A problem with the user's input, with a message that names the input and the fix."""
+
+
+def flag(name: str) -> str:
+    """Return option `name` (a Python keyword such as "top_k") as the caller knows it: "--top-k"
+    inside `cli_spelling()`, else "top_k"."""
+    return "--" + name.replace("_", "-") if _CLI_SPELLING.get() else name
+
+
+@contextlib.contextmanager
+def cli_spelling() -> Iterator[None]:
+    """Within the block, `flag` spells options as command-line flags (the CLI wraps each command in it)."""
+    token = _CLI_SPELLING.set(True)
+    try:
+        yield
+    finally:
+        _CLI_SPELLING.reset(token)

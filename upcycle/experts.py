@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from upcycle.errors import UpcycleError
+from upcycle.errors import UpcycleError, flag
 from upcycle.kmeans import balanced_kmeans
+from upcycle.options import given_options
 from upcycle.rng import derived_generator
 
 # Which dense projection an expert projection comes from, and the axis that indexes neurons.
@@ -185,7 +186,7 @@ class DropExperts(ExpertBuilder):
     def __post_init__(self):
         self.method = "drop"
         if not 0.0 <= self.drop_ratio <= 1.0:
-            raise UpcycleError(f"--drop-ratio must be between 0 and 1, got {self.drop_ratio}")
+            raise UpcycleError(f"{flag('drop_ratio')} must be between 0 and 1, got {self.drop_ratio}")
 
     def routed_projection(self, name, layer, expert, dense):
         weight = dense(name).clone()
@@ -230,10 +231,10 @@ class GranularExperts(ExpertBuilder):
     def __post_init__(self):
         self.method = "granular"
         if self.granularity < 1:
-            raise UpcycleError(f"--granularity must be at least 1, got {self.granularity}")
+            raise UpcycleError(f"{flag('granularity')} must be at least 1, got {self.granularity}")
         if self.shared_experts >= self.granularity:
             raise UpcycleError(
-                f"--shared-experts {self.shared_experts} leaves no routed shard of --granularity "
+                f"{flag('shared_experts')} {self.shared_experts} leaves no routed shard of {flag('granularity')} "
                 f"{self.granularity}; use fewer shared experts than the granularity"
             )
         if self.scaling not in GRANULAR_SCALINGS:
@@ -247,7 +248,7 @@ class GranularExperts(ExpertBuilder):
         return self.granularity
 
     def _split_reason(self) -> str:
-        return f"--granularity {self.granularity}"
+        return f"{flag('granularity')} {self.granularity}"
 
     def routed_experts(self) -> int:
         return self.num_experts * self.routed_shards()
@@ -308,7 +309,7 @@ class PartitionExperts(ExpertBuilder):
         self.method = "partition"
         if self.partition_method not in PARTITION_METHODS:
             raise UpcycleError(
-                f"unknown --partition-method {self.partition_method!r}; use {' or '.join(PARTITION_METHODS)}"
+                f"unknown {flag('partition_method')} {self.partition_method!r}; use {' or '.join(PARTITION_METHODS)}"
             )
 
     def units(self) -> int:
@@ -370,20 +371,19 @@ def make_expert_builder(
             option out of range.
     """
     if method not in METHODS:
-        raise UpcycleError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
+        raise UpcycleError(f"unknown {flag('method')} {method!r}; use one of {', '.join(METHODS)}")
     if shared_experts < 0:
-        raise UpcycleError(f"--shared-experts must be 0 or more, got {shared_experts}")
+        raise UpcycleError(f"{flag('shared_experts')} must be 0 or more, got {shared_experts}")
     misplaced = {
-        "--noise": method != "copy" and noise != 0,
-        "--drop-ratio": method != "drop" and drop_ratio is not None,
-        "--granularity": method != "granular" and granularity is not None,
-        "--partition-method": method != "partition" and partition_method is not None,
+        "noise": method != "copy" and noise != 0,
+        "drop_ratio": method != "drop" and drop_ratio is not None,
+        "granularity": method != "granular" and granularity is not None,
+        "partition_method": method != "partition" and partition_method is not None,
     }
-    for option, wrong in misplaced.items():
-        if wrong:
-            raise UpcycleError(f"{option} does not apply to --method {method}; remove it or change the method")
+    for option in given_options(misplaced):
+        raise UpcycleError(f"{option} does not apply to {flag('method')} {method}; remove it or change the method")
     if noise < 0:
-        raise UpcycleError(f"--noise must be 0 or more, got {noise}")
+        raise UpcycleError(f"{flag('noise')} must be 0 or more, got {noise}")
     common = {"num_experts": num_experts, "shared_experts": shared_experts, "seed": seed}
     if method == "copy":
         return CopyExperts(**common, noise=noise)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from upcycle.checkpoint import SourceCheckpoint
-from upcycle.errors import UpcycleError
+from upcycle.errors import UpcycleError, flag
 from upcycle.experts import ExpertBuilder, PartitionExperts
 from upcycle.families import FamilyPair
 from upcycle.kmeans import spherical_kmeans
@@ -75,17 +75,25 @@ def check_router_init(router_init: str | None, builder: ExpertBuilder, calibrati
     is_partition = isinstance(builder, PartitionExperts)
     chosen = router_init or ("centroids" if is_partition else "random")
     if chosen not in ROUTER_INITS:
-        raise UpcycleError(f"unknown --router-init {chosen!r}; use one of {', '.join(ROUTER_INITS)}")
+        raise UpcycleError(f"unknown {flag('router_init')} {chosen!r}; use one of {', '.join(ROUTER_INITS)}")
     if chosen == "kmeans" and calibration is None:
-        raise UpcycleError("--router-init kmeans needs --calibration DATA (a text/jsonl/parquet file or a Hub dataset)")
+        raise UpcycleError(
+            f"{flag('router_init')} kmeans needs {flag('calibration')} DATA "
+            "(a text/jsonl/parquet/csv file, a folder, or a Hub dataset id)"
+        )
     if chosen != "kmeans" and calibration is not None:
-        raise UpcycleError("--calibration is only used by --router-init kmeans; add it or remove --calibration")
+        raise UpcycleError(
+            f"{flag('calibration')} is only used by {flag('router_init')} kmeans; "
+            f"add it or remove {flag('calibration')}"
+        )
     if chosen == "centroids" and not is_partition:
-        raise UpcycleError("--router-init centroids needs --method partition (it uses the neuron clusters)")
+        raise UpcycleError(
+            f"{flag('router_init')} centroids needs {flag('method')} partition (it uses the neuron clusters)"
+        )
     if chosen == "kmeans" and is_partition:
         raise UpcycleError(
-            "--router-init kmeans cannot tell which hidden-state cluster belongs to which neuron partition; "
-            "use --router-init centroids (default) or random with --method partition"
+            f"{flag('router_init')} kmeans cannot tell which hidden-state cluster belongs to which neuron partition; "
+            f"use {flag('router_init')} centroids (default) or random with {flag('method')} partition"
         )
     return chosen
 
@@ -123,7 +131,7 @@ def calibrated_router_rows(
         tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
     except (OSError, ValueError) as err:
         raise UpcycleError(
-            f"--router-init kmeans needs the source's tokenizer, which {checkpoint.name} lacks: "
+            f"{flag('router_init')} kmeans needs the source's tokenizer, which {checkpoint.name} lacks: "
             f"{str(err).splitlines()[0]}"
         ) from None
     model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype="auto")
@@ -146,7 +154,7 @@ def calibrated_router_rows(
         if len(layer_states) < rows:
             raise UpcycleError(
                 f"calibration gave {len(layer_states)} tokens, fewer than the {rows} router rows to fit; "
-                "use more or longer --calibration-samples"
+                f"use more or longer {flag('calibration_samples')}"
             )
         router_rows[layer] = kmeans_router(layer_states.float(), rows, std, seed, layer)
     return router_rows

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from upcycle.errors import UpcycleError
+from upcycle.errors import UpcycleError, flag
 from upcycle.families.moe_fields import TOP_K_FIELDS, first_positive_field
 from upcycle.moe import apply_capacity, expert_capacity, moe_modules
 
@@ -253,7 +253,7 @@ def analyze_routing(
     from tqdm.auto import tqdm
 
     if capacity_factor <= 0:
-        raise UpcycleError(f"--capacity-factor must be positive, got {capacity_factor}")
+        raise UpcycleError(f"{flag('capacity_factor')} must be positive, got {capacity_factor}")
     num_buckets = max(1, min(num_buckets, max_length))
     bucket_of = torch.arange(max_length) * num_buckets // max_length
     edges = [[int((bucket_of == b).nonzero().min()), int((bucket_of == b).nonzero().max())] for b in range(num_buckets)]
@@ -285,7 +285,7 @@ def analyze_routing(
                 capacity_factor,
             )
     if not accumulators or next(iter(accumulators.values())).tokens == 0:
-        raise UpcycleError("the data gave no tokens to route; check --data")
+        raise UpcycleError(f"the data gave no tokens to route; check {flag('data')}")
     layers = [accumulator.result() for accumulator in accumulators.values()]
     return RoutingReport(name or type(model).__name__, kind, capacity_factor, edges, layers)
 
@@ -319,7 +319,8 @@ def routing_report(
         tok = AutoTokenizer.from_pretrained(tokenizer or model_path)
     except (OSError, ValueError) as err:
         raise UpcycleError(
-            f"cannot load a tokenizer from {tokenizer or model_path} ({str(err).splitlines()[0]}); pass --tokenizer"
+            f"cannot load a tokenizer from {tokenizer or model_path} ({str(err).splitlines()[0]}); "
+            f"pass {flag('tokenizer')}"
         ) from None
     with progress_bars(not quiet):
         model = load(model_path)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from upcycle.checkpoint import PlannedTensor, SourceCheckpoint, TensorSpec
-from upcycle.errors import UpcycleError
+from upcycle.errors import UpcycleError, flag
 from upcycle.experts import ExpertBuilder, LazyFFN
 from upcycle.families import FamilyPair
 from upcycle.router_init import centroid_router, random_router, virtual_group_router
@@ -70,7 +70,7 @@ def plan_conversion(
         moe_layers = mlp_layers
     elif not set(moe_layers) <= set(mlp_layers):
         missing = sorted(set(moe_layers) - set(mlp_layers))
-        raise UpcycleError(f"--moe-layers names layers without a dense MLP: {missing}")
+        raise UpcycleError(f"{flag('moe_layers')} names layers without a dense MLP: {missing}")
     mlp_names = {
         template.format(layer=layer) for layer in moe_layers for template in (names.gate, names.up, names.down)
     }
@@ -132,7 +132,8 @@ def plan_conversion(
             raise UpcycleError(
                 f"routed experts would be {expert_size} neurons wide ({row_bytes} bytes per row in {dtype_name}), "
                 f"which transformers' grouped matmul cannot run (rows must be a multiple of {GROUPED_MM_ALIGNMENT} "
-                "bytes); choose --experts/--granularity/--shared-experts that give a width divisible by 8"
+                f"bytes); choose {flag('experts')}/{flag('granularity')}/{flag('shared_experts')} "
+                "that give a width divisible by 8"
             )
         layer_names = dict(zip(("gate", "up", "down"), (gate_name, up_name, down_name), strict=True))
         dense = LazyFFN(lambda projection, _names=layer_names: tensors.get(_names[projection]), intermediate)

@@ -25,7 +25,7 @@ from upcycle.checkpoint import (
     resolve_source,
     write_checkpoint,
 )
-from upcycle.errors import UpcycleError
+from upcycle.errors import UpcycleError, flag
 from upcycle.families import find_family
 from upcycle.generic.modeling import (
     CLASS_PREFIX,
@@ -37,6 +37,7 @@ from upcycle.generic.modeling import (
 )
 from upcycle.generic.sites import site_for
 from upcycle.moe import MoE, moe_modules
+from upcycle.options import check_count, given_options
 from upcycle.progress import progress_bars
 from upcycle.summaries import ConvertSummary, active_parameters
 
@@ -115,10 +116,8 @@ def convert_generic(
             without ``force``; nothing is left at ``output`` then.
     """
     output = Path(output)
-    if experts < 1:
-        raise UpcycleError(f"--experts must be at least 1, got {experts}")
-    if top_k < 1 or top_k > experts:
-        raise UpcycleError(f"--top-k must be between 1 and --experts ({experts}), got {top_k}")
+    check_count("experts", experts)
+    check_count("top_k", top_k, 1, experts)
     out_dtype = parse_dtype(dtype)
     check_output_dir(output, force)
     directory, name = resolve_source(source, revision)
@@ -265,25 +264,19 @@ def generic_requested(
     other than plain ``topk``, router options, an FFN pattern).
 
     Args:
-        stock_options: ``{flag: given}`` for options only the stock converter has (``--layout``...).
+        stock_options: ``{option: given}`` for options only the stock converter has (``layout``...).
 
     Raises:
         UpcycleError: generic-only options with a stock target, or stock-only options with the generic format.
     """
-    generic_only = [
-        flag
-        for flag, given in (
-            ("--router", router != "topk"),
-            ("--router-option", bool(router_options)),
-            ("--ffn-pattern", ffn_pattern is not None),
-        )
-        if given
-    ]
+    generic_only = given_options(
+        {"router": router != "topk", "router_options": bool(router_options), "ffn_pattern": ffn_pattern is not None}
+    )
     if target not in ("auto", FORMAT):
         if generic_only:
             raise UpcycleError(
                 f"{', '.join(generic_only)} need the generic format; a stock {target} has a softmax top-k router "
-                "over its own MLPs; use --target generic"
+                f"over its own MLPs; use {flag('target')} generic"
             )
         return False
     reason = None
@@ -295,7 +288,7 @@ def generic_requested(
         if reason is None and not generic_only:
             return False
         reason = reason or f"{', '.join(generic_only)} given"
-    stock_only = [flag for flag, given in (stock_options or {}).items() if given]
+    stock_only = given_options(stock_options or {})
     if stock_only:
         raise UpcycleError(
             f"{', '.join(stock_only)} apply to stock MoE targets only, not to the generic format; drop them"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from upcycle.errors import UpcycleError
+from upcycle.errors import UpcycleError, flag
 
 __all__ = ["FFN_SITES", "FFNSite", "FoundSite", "SplitFFN", "find_sites", "site_for"]
 
@@ -116,11 +116,11 @@ def site_for(model_type: str, ffn_pattern: str | None = None) -> FFNSite:
         try:
             re.compile(ffn_pattern)
         except re.error as err:
-            raise UpcycleError(f"--ffn-pattern {ffn_pattern!r} is not a valid regex ({err})") from None
+            raise UpcycleError(f"{flag('ffn_pattern')} {ffn_pattern!r} is not a valid regex ({err})") from None
         return FFNSite(ffn_pattern)
     if model_type not in FFN_SITES:
         raise UpcycleError(
-            f"upcycle does not know where the FFNs of model_type {model_type!r} are; pass --ffn-pattern REGEX "
+            f"upcycle does not know where the FFNs of model_type {model_type!r} are; pass {flag('ffn_pattern')} REGEX "
             f"matching their module names (e.g. '\\.mlp$'). Known families: {', '.join(sorted(FFN_SITES))}"
         )
     return FFN_SITES[model_type]
@@ -161,6 +161,6 @@ def find_sites(model: nn.Module, site: FFNSite) -> list[FoundSite]:
         hints = [name for name, _ in model.named_modules() if re.search(r"mlp|ffn|feed_forward|intermediate", name)]
         raise UpcycleError(
             f"no module of {type(model).__name__} matches the FFN pattern {site.pattern!r}; "
-            f"modules that look like FFNs: {', '.join(hints[:6]) or '(none)'}; pass --ffn-pattern REGEX"
+            f"modules that look like FFNs: {', '.join(hints[:6]) or '(none)'}; pass {flag('ffn_pattern')} REGEX"
         )
     return found
