@@ -114,7 +114,7 @@ def test_convert_from_hub_id_then_push_uploads_every_file_in_one_commit(hub, tmp
 
 def test_push_creates_a_private_repo_and_the_branch_it_pushes_to(hub, tmp_path, converted):
     result = upcycle(
-        "push", str(converted), "me/private-moe", "--private", "--revision", "dev",
+        "push", str(converted), "me/private-moe", "--private", "--branch", "dev",
         "--commit-message", "first experts",
         env=hub_env(hub, tmp_path / "hf"),
     )  # fmt: skip

@@ -105,7 +105,7 @@ def independent_statistics(model, path: Path, text_file: Path) -> list[dict]:
 
 def test_routes_numbers_match_an_independent_token_by_token_computation(mixtral, text_file, tmp_path, capsys):
     out = tmp_path / "report"
-    args = ["routes", str(mixtral), "--data", str(text_file), "--out", str(out), "--json", "--batch-size", "3"]
+    args = ["routes", str(mixtral), str(out), "--calibration", str(text_file), "--json", "--batch-size", "3"]
     args += ["--max-length", str(MAX_LENGTH), "--position-buckets", str(BUCKETS), "--capacity-factor", str(CAPACITY)]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)

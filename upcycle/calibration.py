@@ -62,19 +62,33 @@ def load_calibration_texts(data: str | Path, samples: int = 128, split: str = "t
 
 
 def calibration_batches(
-    tokenizer, texts: list[str], max_length: int = 256, batch_size: int = 4
+    tokenizer, texts: list[str], max_length: int = 256, batch_size: int = 4, vocab_size: int | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield tokenized batches (`input_ids`, `attention_mask`) of `texts`, truncated to `max_length`."""
+    """Yield tokenized batches (`input_ids`, `attention_mask`) of `texts`, truncated to `max_length`.
+
+    Raises:
+        UpcycleError: `max_length` or `batch_size` is below 1, or the tokenizer gives a token id
+            outside the model's vocabulary of `vocab_size` (a tokenizer of another model).
+    """
+    if max_length < 1 or batch_size < 1:
+        raise UpcycleError(f"max_length and batch_size must be at least 1, got {max_length} and {batch_size}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     for start in range(0, len(texts), batch_size):
-        yield tokenizer(
+        batch = tokenizer(
             texts[start : start + batch_size],
             return_tensors="pt",
             padding=True,
             truncation=True,
             max_length=max_length,
         )
+        largest = int(batch["input_ids"].max()) if batch["input_ids"].numel() else -1
+        if vocab_size is not None and largest >= vocab_size:
+            raise UpcycleError(
+                f"the tokenizer gives token id {largest} but the model's vocabulary has {vocab_size} entries; "
+                "use the model's own tokenizer"
+            )
+        yield batch
 
 
 class _TokenReservoir:

@@ -2,14 +2,13 @@
 
 `push_folder` is `create_repo(exist_ok=True)` + `create_branch` (for a revision other than main) +
 `upload_folder`, with the token taken from `HF_TOKEN` or huggingface_hub's stored login, checked
-before any request. Every failure becomes one `UpcycleError` line from which the token is scrubbed;
-the local folder is only read. `add_push_arguments` / `push_if_requested` give any subcommand a
-`--push-to-hub REPO_ID [--private]` option in two lines. Pulling lives in `upcycle.checkpoint`.
+before any request (`require_token`, also used by the recipes). Every failure becomes one
+`UpcycleError` line from which the token is scrubbed; the local folder is only read. The CLI's
+`--push-to-hub` options live in `upcycle.commands.push_options`; pulling lives in `upcycle.checkpoint`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +63,7 @@ def describe_operation(folder: Path) -> tuple[str, str]:
     return f"upcycle: upload {folder.name}", ""
 
 
-def _require_token(token: str | None) -> str:
+def require_token(token: str | None) -> str:
     """Return the token to push with: `token`, else HF_TOKEN, else the stored login.
 
     Raises:
@@ -108,20 +107,20 @@ def _one_line(err: BaseException, token: str) -> str:
 
 
 def push_folder(
-    folder: str | Path,
+    output: str | Path,
     repo_id: str,
     *,
     private: bool = False,
-    revision: str | None = None,
+    branch: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
     endpoint: str | None = None,
 ) -> PushResult:
-    """Upload every file of the finished output `folder` to the model repo `repo_id` in one commit.
+    """Upload every file of the finished `output` folder to the model repo `repo_id` in one commit.
 
-    The repo is created if needed (`private` applies only then), the branch `revision` too (from
-    main). The commit title states the operation that produced the folder unless `commit_message`
-    is given. The folder is only read; a failed push changes nothing locally.
+    The repo is created if needed (`private` applies only then), the `branch` too (from main).
+    The commit title states the operation that produced the folder unless `commit_message` is given.
+    The folder is only read; a failed push changes nothing locally.
 
     Returns:
         A `PushResult` with the repo URL, branch and commit.
@@ -133,11 +132,11 @@ def push_folder(
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    folder = Path(folder)
+    folder = Path(output)
     _check_folder(folder)
-    token = _require_token(token)
+    token = require_token(token)
     title, description = describe_operation(folder)
-    branch = revision or DEFAULT_BRANCH
+    branch = branch or DEFAULT_BRANCH
     api = HfApi(endpoint=endpoint, token=token)
     step = "create the repo"
     try:
@@ -173,46 +172,3 @@ def push_folder(
         commit_url=commit.commit_url,
         commit_oid=commit.oid,
     )
-
-
-def add_push_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add `--push-to-hub REPO_ID` and `--private` to a subcommand that writes an output folder."""
-    parser.add_argument(
-        "--push-to-hub",
-        metavar="REPO_ID",
-        default=None,
-        help="after writing the output, upload it to this Hub model repo (token from HF_TOKEN or `hf auth login`)",
-    )
-    parser.add_argument("--private", action="store_true", help="create the Hub repo as private (with --push-to-hub)")
-
-
-def check_push_token(args: argparse.Namespace) -> None:
-    """Fail before any work when `--push-to-hub` is asked for but no token is available.
-
-    Raises:
-        UpcycleError: --push-to-hub without a token, or --private without --push-to-hub.
-    """
-    if getattr(args, "push_to_hub", None):
-        _require_token(None)
-    elif getattr(args, "private", False):
-        raise UpcycleError("--private only applies with --push-to-hub REPO_ID")
-
-
-def push_if_requested(args: argparse.Namespace, directory: str | Path, quiet: bool = False) -> PushResult | None:
-    """Push the finished `directory` when `args.push_to_hub` is set; return the result or None.
-
-    Raises:
-        UpcycleError: as `push_folder`, saying that the output is complete and how to push it again.
-    """
-    if not getattr(args, "push_to_hub", None):
-        return None
-    try:
-        result = push_folder(directory, args.push_to_hub, private=args.private)
-    except UpcycleError as err:
-        raise UpcycleError(
-            f"{err}; the output {directory} is complete, push it again with `upcycle push {directory} "
-            f"{args.push_to_hub}`"
-        ) from None
-    if not quiet:
-        print(f"pushed {directory} to {result.repo_url} ({result.revision}, commit {result.commit_oid[:8]})")
-    return result

@@ -140,7 +140,13 @@ def calibrated_router_rows(
     batch_size = 4
     states = collect_ffn_inputs(
         model,
-        calibration_batches(tokenizer, texts, max_length=max_length, batch_size=batch_size),
+        calibration_batches(
+            tokenizer,
+            texts,
+            max_length=max_length,
+            batch_size=batch_size,
+            vocab_size=int(model.get_input_embeddings().num_embeddings),
+        ),
         {layer: gate_module.format(layer=layer) for layer in layers},
         max_tokens=max_tokens,
         seed=seed,

@@ -30,6 +30,7 @@ from torch import nn
 from upcycle.errors import UpcycleError, flag
 from upcycle.families.moe_fields import TOP_K_FIELDS, first_positive_field
 from upcycle.moe import apply_capacity, expert_capacity, moe_modules
+from upcycle.options import check_count, check_real
 
 __all__ = ["LayerRouting", "RoutingReport", "analyze_routing", "routing_report", "write_report"]
 
@@ -235,6 +236,7 @@ def analyze_routing(
     num_buckets: int = 8,
     name: str = "",
     quiet: bool = True,
+    total: int | None = None,
 ) -> RoutingReport:
     """Run ``batches`` (``input_ids``, ``attention_mask``) through ``model`` and measure its routing.
 
@@ -243,6 +245,7 @@ def analyze_routing(
         capacity_factor: the factor of the simulated expert capacity (drops, drop rate by position).
         max_length: the longest sequence; positions ``0 .. max_length - 1`` split into ``num_buckets``.
         num_buckets: position buckets of ``drop_rate_by_position``.
+        total: the number of batches, for the progress bar.
 
     Returns:
         The `RoutingReport`.
@@ -263,7 +266,7 @@ def analyze_routing(
     accumulators: dict[str, _LayerAccumulator] = {}
     device = next(model.parameters()).device
     model.eval()
-    for batch in tqdm(batches, desc="routing", unit="batch", disable=quiet):
+    for batch in tqdm(batches, desc="routing", unit="batch", total=total, disable=True if quiet else None):
         batch = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
         layers = _generic_layers(model, blocks, batch) if blocks else _stock_layers(model, batch)
         seq_len = batch["input_ids"].shape[1]
@@ -285,25 +288,25 @@ def analyze_routing(
                 capacity_factor,
             )
     if not accumulators or next(iter(accumulators.values())).tokens == 0:
-        raise UpcycleError(f"the data gave no tokens to route; check {flag('data')}")
+        raise UpcycleError(f"the data gave no tokens to route; check {flag('calibration')}")
     layers = [accumulator.result() for accumulator in accumulators.values()]
     return RoutingReport(name or type(model).__name__, kind, capacity_factor, edges, layers)
 
 
 def routing_report(
-    model_path: str | Path,
-    data: str | Path,
+    source: str | Path,
+    calibration: str | Path,
     *,
     tokenizer: str | Path | None = None,
-    samples: int = 128,
+    calibration_samples: int = 128,
     max_length: int = 256,
     batch_size: int = 4,
     capacity_factor: float = 1.0,
     num_buckets: int = 8,
     quiet: bool = False,
 ) -> RoutingReport:
-    """Load the MoE at ``model_path`` (with `upcycle.load`) and its tokenizer, and analyse its routing on
-    up to ``samples`` texts of ``data`` (see `upcycle.calibration.load_calibration_texts`).
+    """Load the MoE at ``source`` (with `upcycle.load`) and its tokenizer, and analyse its routing on
+    up to ``calibration_samples`` texts of ``calibration`` (see `upcycle.calibration.load_calibration_texts`).
 
     Raises:
         UpcycleError: the model, tokenizer or data cannot be read, or the model is no readable MoE.
@@ -314,25 +317,31 @@ def routing_report(
     from upcycle.generic.load import load
     from upcycle.progress import progress_bars
 
-    texts = load_calibration_texts(data, samples=samples)
+    check_count("calibration_samples", calibration_samples)
+    check_count("max_length", max_length)
+    check_count("batch_size", batch_size)
+    check_count("position_buckets", num_buckets)
+    check_real("capacity_factor", capacity_factor, minimum=0.0, exclusive_minimum=True)
+    texts = load_calibration_texts(calibration, samples=calibration_samples)
     try:
-        tok = AutoTokenizer.from_pretrained(tokenizer or model_path)
+        tok = AutoTokenizer.from_pretrained(tokenizer or source)
     except (OSError, ValueError) as err:
         raise UpcycleError(
-            f"cannot load a tokenizer from {tokenizer or model_path} ({str(err).splitlines()[0]}); "
-            f"pass {flag('tokenizer')}"
+            f"cannot load a tokenizer from {tokenizer or source} ({str(err).splitlines()[0]}); pass {flag('tokenizer')}"
         ) from None
     with progress_bars(not quiet):
-        model = load(model_path)
-    batches = calibration_batches(tok, texts, max_length=max_length, batch_size=batch_size)
+        model = load(source)
+    vocab_size = int(model.get_input_embeddings().num_embeddings)
+    batches = calibration_batches(tok, texts, max_length=max_length, batch_size=batch_size, vocab_size=vocab_size)
     return analyze_routing(
         model,
         batches,
         capacity_factor=capacity_factor,
         max_length=max_length,
         num_buckets=num_buckets,
-        name=str(model_path),
+        name=str(source),
         quiet=quiet,
+        total=-(-len(texts) // batch_size),
     )
 
 

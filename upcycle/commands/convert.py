@@ -6,8 +6,8 @@ import argparse
 import shlex
 import sys
 
+from upcycle.commands.push_options import add_push_arguments, check_push_token, push_if_requested
 from upcycle.families import TARGETS
-from upcycle.hub import add_push_arguments, check_push_token, push_if_requested
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from upcycle.hub import add_push_arguments, check_push_token, push_if_requested
+from upcycle.commands.push_options import add_push_arguments, check_push_token, push_if_requested
 
 METHOD_HELP = (
     "average (uniform mean); frequency (M-SMoE: weighted by how often the router picks each expert on "

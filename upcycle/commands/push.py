@@ -13,10 +13,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Create the model repo if needed (create_repo exist_ok) and upload every file of DIR in one "
         "commit (upload_folder). The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT is honoured.",
     )
-    parser.add_argument("directory", help="a finished output folder (config.json or adapter_config.json inside)")
+    parser.add_argument("output", help="a finished output folder (config.json or adapter_config.json inside)")
     parser.add_argument("repo_id", help="Hub model repo, e.g. me/llama-moe")
     parser.add_argument("--private", action="store_true", help="create the repo as private (ignored if it exists)")
-    parser.add_argument("--revision", default=None, help="branch to push to (created from main if missing)")
+    parser.add_argument("--branch", default=None, help="branch to push to (created from main if missing)")
+    parser.add_argument("--revision", dest="branch", help=argparse.SUPPRESS)  # the old spelling of --branch
     parser.add_argument(
         "--commit-message", default=None, help="commit title (default: the operation read from the folder)"
     )
@@ -29,12 +30,12 @@ def run(args: argparse.Namespace) -> int:
     from upcycle.hub import push_folder
 
     result = push_folder(
-        args.directory,
+        args.output,
         args.repo_id,
         private=args.private,
-        revision=args.revision,
+        branch=args.branch,
         commit_message=args.commit_message,
     )
     if not args.quiet:
-        print(f"pushed {args.directory} to {result.repo_url} ({result.revision}, commit {result.commit_oid[:8]})")
+        print(f"pushed {args.output} to {result.repo_url} ({result.revision}, commit {result.commit_oid[:8]})")
     return 0

@@ -90,10 +90,10 @@ def check_push_token(repo_id: str | None) -> None:
     """
     if not repo_id:
         return
-    from upcycle.hub import _require_token  # the one token check; see upcycle.hub.check_push_token
+    from upcycle.hub import require_token  # the one token check, as the CLI's --push-to-hub
 
     try:
-        _require_token(None)
+        require_token(None)
     except UpcycleError:
         raise ConfigError(
             f"output.push_to_hub: pushing to {repo_id} needs a token with write access; set HF_TOKEN or run "
