@@ -13,7 +13,7 @@ import sys
 from upcycle.errors import UpcycleError, cli_spelling
 
 EXIT_USER_ERROR = 2
-COMMANDS = ("convert", "push", "inspect", "merge", "routes")
+COMMANDS = ("convert", "merge", "export", "inspect", "routes", "push")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--layout",
         choices=["per-expert", "fused"],
         default=None,
-        help="on-disk expert layout (default: the family's Hub layout, per-expert where it exists)",
+        help="on-disk expert layout (default: the family's Hub layout, per-expert where it exists; fused is read by "
+        "transformers only, not by llama.cpp's converter or vLLM)",
     )
     parser.add_argument(
         "--dtype", default="auto", help="output dtype: auto (as the source), float32, bfloat16, float16"
@@ -87,8 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--from-mope",
         metavar="ADAPTER",
         default=None,
-        help="instead of upcycling, export the block-routed MoPE adapter ADAPTER (directory or Hub id) trained on "
-        "SOURCE: expert i = W + B_i A_i, the adapter's router; the adapter sets experts and top-k (README: MoPE)",
+        help="the older spelling of `upcycle export ADAPTER OUTPUT --base-model SOURCE`",
     )
     parser.add_argument("--revision", default=None, help="Hub revision of the source")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
@@ -124,9 +124,9 @@ def run(args: argparse.Namespace) -> int:
     """Convert as `args` say, print a one-line summary unless quiet, and return exit code 0."""
     from upcycle.convert import convert
 
-    check_push_token(args)
     if args.from_mope:
         return _run_from_mope(args)
+    check_push_token(args)
     summary = convert(
         args.source,
         args.output,
@@ -168,50 +168,33 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_from_mope(args: argparse.Namespace) -> int:
-    """Export the MoPE adapter `args.from_mope` on `args.source` into a stock MoE checkpoint; return 0.
+    """`convert SOURCE OUTPUT --from-mope ADAPTER`, the older spelling of `upcycle export ADAPTER OUTPUT
+    --base-model SOURCE`; return its exit code.
 
     Raises:
         UpcycleError: an expert-construction option was given (the adapter already decides the
             experts and the router), or the adapter cannot be exported exactly.
     """
-    from mope.export import export_adapter  # the mope package is needed only for this path
+    from upcycle.commands.export import export_from_args
     from upcycle.errors import UpcycleError
+    from upcycle.options import given_options
 
-    upcycle_only = {
-        "--method": args.method != "copy",
-        "--target": args.target != "auto",
-        "--shared-experts": bool(args.shared_experts),
-        "--router-init": args.router_init is not None,
-        "--calibration": args.calibration is not None,
-        "--moe-layers": args.moe_layers != "all",
-        "--router": args.router != "topk",
-        "--router-option": bool(args.router_option),
-        "--ffn-pattern": args.ffn_pattern is not None,
-    }
-    given = [flag for flag, used in upcycle_only.items() if used]
+    given = given_options(
+        {
+            "method": args.method != "copy",
+            "target": args.target != "auto",
+            "shared_experts": bool(args.shared_experts),
+            "router_init": args.router_init is not None,
+            "calibration": args.calibration is not None,
+            "moe_layers": args.moe_layers != "all",
+            "router": args.router != "topk",
+            "router_option": bool(args.router_option),
+            "ffn_pattern": args.ffn_pattern is not None,
+        }
+    )
     if given:
         raise UpcycleError(
             f"{', '.join(given)} cannot be combined with --from-mope: the adapter's experts and router are exported "
             "as they are; drop those options"
         )
-    summary = export_adapter(
-        args.from_mope,
-        args.output,
-        base_model=args.source,
-        revision=args.revision,
-        force=args.force,
-        layout=args.layout,
-        dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
-        command="upcycle " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["convert"] else None,
-        card_model_id=args.push_to_hub,
-        quiet=args.quiet,
-    )
-    if not args.quiet:
-        print(
-            f"wrote {summary.output}: MoPE adapter -> {summary.family}, {summary.num_experts} experts, "
-            f"top-{summary.top_k}, {summary.total_parameters:,} parameters "
-            f"({summary.active_parameters:,} active per token)"
-        )
-    push_if_requested(args, summary.output, quiet=args.quiet)
-    return 0
+    return export_from_args(args.from_mope, args.output, args.source, args, "convert")
