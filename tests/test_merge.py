@@ -123,6 +123,11 @@ def test_task_vector_merges_of_copy_upcycle_give_back_the_recorded_dense_base(de
     original, merged = tensors_of(source), tensors_of(tmp_path / "dense")
     for name, tensor in original.items():
         assert torch.equal(merged[name], tensor), name
+    provenance = json.loads((tmp_path / "dense" / "config.json").read_text())["upcycle"]
+    # DARE's masks come from upcycle.rng.derived_generator; the provenance says so.
+    assert (
+        provenance.get("seed_scheme") == summary.settings.get("seed_scheme") == ("sha256" if method == "dare" else None)
+    )
 
 
 def test_concat_with_uniform_weights_equals_the_hand_computed_mixture_of_experts(mixtral, tmp_path):

@@ -4,6 +4,7 @@ import torch
 
 from upcycle.merging import methods
 from upcycle.merging.grouping import average_linkage, output_distances, weight_distances
+from upcycle.merging.plan import dare_generator
 
 
 def test_ties_trims_elects_the_sign_and_averages_only_agreeing_entries():
@@ -31,14 +32,50 @@ def test_dare_drops_and_rescales_reproducibly_and_is_task_arithmetic_at_density_
     generator = torch.Generator().manual_seed(0)
     experts, base = torch.randn(3, 64, 64, generator=generator), torch.randn(64, 64, generator=generator)
     weights = torch.tensor([1.0, 2.0, 1.0])
-    full = methods.dare(experts, base, weights, density=1.0, seed=7)
+
+    def masks() -> torch.Generator:
+        return torch.Generator().manual_seed(7)
+
+    full = methods.dare(experts, base, weights, density=1.0, generator=masks())
     assert torch.allclose(full.double(), methods.task_arithmetic(experts, base, weights), atol=1e-5)
-    dropped = methods.dare(experts, base, weights, density=0.25, seed=7)
-    assert torch.equal(dropped, methods.dare(experts, base, weights, density=0.25, seed=7))
-    single = methods.dare(experts[:1], base, torch.ones(1), density=0.25, seed=7) - base
+    dropped = methods.dare(experts, base, weights, density=0.25, generator=masks())
+    assert torch.equal(dropped, methods.dare(experts, base, weights, density=0.25, generator=masks()))
+    single = methods.dare(experts[:1], base, torch.ones(1), density=0.25, generator=masks()) - base
     kept = single != 0
     assert 0.2 < kept.float().mean().item() < 0.3  # about a quarter of the entries survive ...
     assert torch.allclose(single[kept], 4 * (experts[0] - base)[kept], atol=1e-5)  # ... rescaled by 1/density
+
+
+def _old_dare_seed(seed: int, layer: int, projection: str, members: list[int]) -> int:
+    """The scheme `dare_generator` replaced: only the first member counted, and the terms overlapped."""
+    return (seed * 1_000_003 + layer * 10_007 + ("gate", "up", "down").index(projection) * 101 + members[0]) % (2**63)
+
+
+def _mask(generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(64, generator=generator) < 0.5
+
+
+def test_dare_masks_differ_for_groups_the_old_seed_scheme_confused():
+    confused = [
+        ((0, "gate", [101, 102]), (0, "up", [0, 1])),  # member 101 of gate = member 0 of up
+        ((0, "gate", [3, 101]), (0, "gate", [3, 102])),  # same first member, differing beyond 101
+        ((1, "gate", [0, 1]), (0, "gate", [10_007, 10_008])),  # member 10007 of layer 0 = member 0 of layer 1
+    ]
+    for a, b in confused:
+        assert _old_dare_seed(5, *a) == _old_dare_seed(5, *b)
+        assert not torch.equal(_mask(dare_generator(5, *a)), _mask(dare_generator(5, *b))), (a, b)
+    # ... and a group's masks depend only on (seed, layer, projection, members).
+    assert torch.equal(_mask(dare_generator(5, 0, "up", [3, 101])), _mask(dare_generator(5, 0, "up", [3, 101])))
+    assert not torch.equal(_mask(dare_generator(5, 0, "up", [3, 101])), _mask(dare_generator(6, 0, "up", [3, 101])))
+
+
+def test_dare_merges_of_groups_that_differ_beyond_member_101_use_different_masks():
+    generator = torch.Generator().manual_seed(0)
+    experts, base = torch.randn(2, 16, 16, generator=generator), torch.zeros(16, 16)
+    weights = torch.ones(2)
+    first = methods.dare(experts, base, weights, 0.5, dare_generator(0, 0, "gate", [3, 101]))
+    second = methods.dare(experts, base, weights, 0.5, dare_generator(0, 0, "gate", [3, 102]))
+    assert not torch.equal(first, second)
 
 
 def test_weighted_mean_of_identical_experts_is_bitwise_the_expert():

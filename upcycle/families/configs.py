@@ -66,3 +66,36 @@ def build_target_config(
     config["architectures"] = [family.target_architecture]
     config["upcycle"] = provenance
     return config
+
+
+def build_dense_config(
+    family: FamilyPair, moe_config: dict, name: str, intermediate_size: int, provenance: dict
+) -> dict:
+    """Return the dense config.json of `family` for the MoE config `moe_config` (of the checkpoint `name`):
+    the dense class's full dict with every field it shares with the MoE.
+
+    Attention, norm and rope fields carry over; the expert count, top-k, router and shared-expert
+    fields, which the dense class does not know, fall away; the FFN width is `intermediate_size`.
+
+    Raises:
+        UpcycleError: transformers rejects the resulting config.
+    """
+    from transformers import AutoConfig
+
+    dense_type = family.source_model_types[0]
+    dense_defaults = AutoConfig.for_model(dense_type).to_dict()
+    moe_only = {family.experts_field, family.top_k_field, family.expert_size_field, family.shared_expert_size_field}
+    fields = {
+        key: value
+        for key, value in moe_config.items()
+        if key not in NEVER_COPIED and key not in moe_only and key not in family.overrides and key in dense_defaults
+    }
+    fields["intermediate_size"] = intermediate_size
+    try:
+        dense = AutoConfig.for_model(dense_type, **fields)
+    except (ValueError, TypeError) as err:
+        raise UpcycleError(f"cannot build a {dense_type} config from {name}: {err}") from None
+    config = dense.to_dict()
+    config["architectures"] = [type(dense).__name__.replace("Config", "ForCausalLM")]
+    config["upcycle"] = provenance
+    return config

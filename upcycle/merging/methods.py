@@ -1,4 +1,5 @@
-"""Merging one projection of several experts into one tensor: the arithmetic behind `upcycle merge`.
+"""Merging one projection of several experts into one tensor: the arithmetic behind `upcycle merge`,
+and the names of the methods (`METHODS`) with what each needs.
 
 Every function takes a stack of expert weights of shape (E, out, in) for one projection (gate,
 up or down) of one layer and per-expert coefficients (E,), and returns one merged tensor in
@@ -18,6 +19,11 @@ float64 or float32; the caller casts it to the output dtype.
 from __future__ import annotations
 
 import torch
+
+METHODS = ("average", "frequency", "router-weight", "task-arithmetic", "ties", "dare", "concat", "select")
+TASK_VECTOR_METHODS = ("task-arithmetic", "ties", "dare")
+NEEDS_CALIBRATION = ("frequency", "router-weight", "select")
+DEFAULT_DENSITY = {"ties": 0.2, "dare": 0.5}  # TIES keeps the top 20% (Yadav et al.); DARE drops half
 
 
 def normalized(coefficients: torch.Tensor) -> torch.Tensor:
@@ -84,16 +90,18 @@ def dare(
     base: torch.Tensor,
     coefficients: torch.Tensor,
     density: float,
-    seed: int,
+    generator: torch.Generator,
     scale: float = 1.0,
 ) -> torch.Tensor:
-    """Return base + scale * sum_e w_e * drop_rescale(stack[e] - base) (DARE, float32), masks drawn from `seed`."""
-    generator = torch.Generator().manual_seed(seed)
+    """Return base + scale * sum_e w_e * drop_rescale(stack[e] - base) (DARE, float32).
+
+    The masks are drawn from `generator`, one per expert in order, which advances it.
+    """
     weights = normalized(coefficients)
     base = base.float()
     merged = torch.zeros_like(base)
     for expert, weight in enumerate(weights.tolist()):
-        # Draw every expert's mask, used or not, so a mask depends only on (seed, expert).
+        # Draw every expert's mask, used or not, so a mask depends only on (generator state, expert).
         kept = torch.rand(base.shape, generator=generator) < density
         if weight:
             merged += (stack[expert].float() - base) * kept * (weight / density)

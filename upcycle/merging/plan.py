@@ -1,0 +1,300 @@
+"""The plan of a merge: every output tensor listed before any is computed, and the per-layer computation.
+
+Non-MoE tensors are copied. Each MoE layer is computed when its first output tensor is written,
+from that layer's experts only (`LayerCache`), so peak memory is one layer's experts, not the
+model. A layer becomes one dense FFN (`MergePlan.dense_layer`) or `experts_out` merged experts
+and their router (`MergePlan.grouped_layer`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from upcycle.calibration import RoutingStatistics
+from upcycle.checkpoint import PlannedTensor, TensorSpec
+from upcycle.errors import UpcycleError
+from upcycle.merging import methods
+from upcycle.merging.base import BaseFFN
+from upcycle.merging.grouping import average_linkage, output_distances, weight_distances
+from upcycle.merging.source import PROJECTIONS, MoESource
+from upcycle.rng import derived_generator
+
+DARE_SEED_SCHEME = "sha256"  # recorded in the provenance: DARE masks come from `dare_generator`
+
+
+def dare_generator(seed: int, layer: int, projection: str, members: list[int]) -> torch.Generator:
+    """Return the generator of the DARE masks of one group: a stream of its own per (seed, layer, projection,
+    members), whatever the other groups are (`upcycle.rng.derived_generator`, keyed by sha256)."""
+    return derived_generator(seed, "dare", layer, projection, tuple(members))
+
+
+@dataclass
+class MergePlan:
+    """Everything a layer computation needs, decided before any tensor is computed.
+
+    `experts_out` None merges each MoE layer into one dense FFN, K into K experts. The layer
+    computations record the expert weights and groups they used in `expert_weights` and `groups`.
+    """
+
+    moe: MoESource
+    method: str
+    experts_out: int | None
+    stats: dict[int, RoutingStatistics]
+    base: BaseFFN | None
+    density: float
+    scale: float
+    seed: int
+    expert_weights: dict[int, list[float]] = field(default_factory=dict)
+    groups: dict[int, list[list[int]]] = field(default_factory=dict)
+
+    def dense_width(self) -> int:
+        """Return the FFN width of the dense output: one expert's (all experts' for concat) plus the shared expert's."""
+        moe = self.moe
+        routed = moe.num_experts * moe.expert_size if self.method == "concat" else moe.expert_size
+        return routed + moe.shared_size
+
+    def coefficients(self, layer: int) -> torch.Tensor:
+        """Return the per-expert merge coefficients of `layer` for the method (unnormalised, float64)."""
+        stats = self.stats.get(layer)
+        experts = self.moe.num_experts
+        if self.method == "router-weight":
+            return stats.probability_sum
+        if self.method == "concat":
+            return stats.mean(stats.weight_sum) if stats else torch.full((experts,), 1.0 / experts, dtype=torch.float64)
+        if self.method in ("frequency", "select") or (self.method in methods.TASK_VECTOR_METHODS and stats):
+            return stats.selection_counts
+        return torch.ones(experts, dtype=torch.float64)
+
+    def merge_group(
+        self,
+        layer: int,
+        stacks: dict[str, torch.Tensor],
+        members: list[int],
+        coefficients: torch.Tensor,
+        base: dict[str, torch.Tensor] | None,
+    ) -> dict[str, torch.Tensor]:
+        """Return gate/up/down of the experts `members` merged into one FFN by the method."""
+        index = torch.tensor(members)
+        sub = {p: stacks[p][index] for p in PROJECTIONS}
+        weights = coefficients[index]
+        if len(members) == 1:  # a singleton group keeps its expert exactly, whatever the method
+            return {p: sub[p][0] for p in PROJECTIONS}
+        if self.method == "select":
+            chosen = int(torch.argmax(weights))
+            return {p: sub[p][chosen] for p in PROJECTIONS}
+        if self.method == "concat":
+            return {p: methods.concat(sub[p], weights, p) for p in PROJECTIONS}
+        if self.method == "task-arithmetic":
+            return {p: methods.task_arithmetic(sub[p], base[p], weights, self.scale) for p in PROJECTIONS}
+        if self.method == "ties":
+            return {p: methods.ties(sub[p], base[p], weights, self.density, self.scale) for p in PROJECTIONS}
+        if self.method == "dare":
+            return {
+                p: methods.dare(
+                    sub[p], base[p], weights, self.density, dare_generator(self.seed, layer, p, members), self.scale
+                )
+                for p in PROJECTIONS
+            }
+        return {p: methods.weighted_mean(sub[p], weights) for p in PROJECTIONS}
+
+    def dense_layer(self, layer: int) -> dict[str, torch.Tensor]:
+        """Return the dense FFN (gate, up, down) that replaces the MoE block of `layer`."""
+        moe = self.moe
+        stacks = moe.expert_stacks(layer)
+        coefficients = self.coefficients(layer)
+        self.expert_weights[layer] = methods.normalized(coefficients).tolist()
+        base = self.base.projections(moe, layer, stacks) if self.base is not None else None
+        merged = self.merge_group(layer, stacks, list(range(moe.num_experts)), coefficients, base)
+        shared = moe.shared_projections(layer)
+        if shared:
+            stats = self.stats.get(layer)
+            # Qwen2-MoE adds sigmoid(shared_expert_gate(x)) * shared(x); a fixed mean gate folds it in.
+            gate = stats.shared_gate_sum / max(stats.tokens, 1) if stats else 0.5
+            merged = {
+                "gate": torch.cat([shared["gate"].double(), merged["gate"].double()]),
+                "up": torch.cat([shared["up"].double(), merged["up"].double()]),
+                "down": torch.cat([shared["down"].double() * gate, merged["down"].double()], dim=1),
+            }
+        return merged
+
+    def grouped_layer(self, layer: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return (router (K, H), stacked merged experts {gate, up, down} with K first) of `layer`."""
+        moe = self.moe
+        stacks = moe.expert_stacks(layer)
+        stats = self.stats.get(layer)
+        if stats is not None and stats.expert_output_sum is not None:
+            distances = output_distances(stats.mean(stats.expert_output_sum))
+        else:
+            distances = weight_distances([stacks[p] for p in PROJECTIONS])
+        groups = average_linkage(distances, self.experts_out)
+        self.groups[layer] = groups
+        coefficients = self.coefficients(layer)
+        self.expert_weights[layer] = methods.normalized(coefficients).tolist()
+        base = self.base.projections(moe, layer, stacks) if self.base is not None else None
+        router = moe.router(layer)
+        rows, merged = [], {p: [] for p in PROJECTIONS}
+        for members in groups:
+            expert = self.merge_group(layer, stacks, members, coefficients, base)
+            for p in PROJECTIONS:
+                merged[p].append(expert[p])
+            weights = coefficients[torch.tensor(members)]
+            if self.method == "select" and len(members) > 1:
+                rows.append(router[members[int(torch.argmax(weights))]].double())
+            else:
+                rows.append(methods.weighted_mean(router[torch.tensor(members)], weights))
+        return torch.stack(rows), {p: torch.stack([t.double() for t in merged[p]]) for p in PROJECTIONS}
+
+    def layer_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """Return {name: shape} of the tensors that replace layer `layer`'s MoE block, in write order."""
+        moe = self.moe
+        hidden, size = moe.hidden_size, moe.expert_size
+        if self.experts_out is None:
+            names = moe.family.dense_mlp
+            width = self.dense_width()
+            return {
+                names.gate.format(layer=layer): (width, hidden),
+                names.up.format(layer=layer): (width, hidden),
+                names.down.format(layer=layer): (hidden, width),
+            }
+        layout, experts = moe.layout, self.experts_out
+        shapes = {layout.router.format(layer=layer): (experts, hidden)}
+        if layout.fused:
+            shapes[layout.gate_up.format(layer=layer)] = (experts, 2 * size, hidden)
+            shapes[layout.down.format(layer=layer)] = (experts, hidden, size)
+        else:
+            for expert in range(experts):
+                shapes[layout.gate.format(layer=layer, expert=expert)] = (size, hidden)
+                shapes[layout.up.format(layer=layer, expert=expert)] = (size, hidden)
+                shapes[layout.down.format(layer=layer, expert=expert)] = (hidden, size)
+        for name in moe.shared_tensor_names(layer):
+            shapes[name] = moe.checkpoint.tensors.shape(name)
+        return shapes
+
+    def layer_tensors(self, layer: int) -> dict[str, torch.Tensor]:
+        """Return the tensors that replace layer `layer`'s MoE block by output name (the names of `layer_shapes`)."""
+        if self.experts_out is None:
+            names = self.moe.family.dense_mlp
+            merged = self.dense_layer(layer)
+            return {
+                names.gate.format(layer=layer): merged["gate"],
+                names.up.format(layer=layer): merged["up"],
+                names.down.format(layer=layer): merged["down"],
+            }
+        moe, layout = self.moe, self.moe.layout
+        router, merged = self.grouped_layer(layer)
+        tensors = {layout.router.format(layer=layer): router}
+        if layout.fused:
+            tensors[layout.gate_up.format(layer=layer)] = torch.cat([merged["gate"], merged["up"]], dim=1)
+            tensors[layout.down.format(layer=layer)] = merged["down"]
+        else:
+            for expert in range(self.experts_out):
+                for projection, template in (("gate", layout.gate), ("up", layout.up), ("down", layout.down)):
+                    tensors[template.format(layer=layer, expert=expert)] = merged[projection][expert]
+        for name in moe.shared_tensor_names(layer):
+            tensors[name] = moe.checkpoint.tensors.get(name)
+        return tensors
+
+
+class LayerCache:
+    """Computes a layer's merged tensors when the first is asked for, and hands them out once each."""
+
+    def __init__(self, compute: Callable[[int], dict[str, torch.Tensor]]):
+        self._compute = compute
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._layer: int | None = None
+
+    def take(self, layer: int, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Return the tensor `name` of `layer` in `dtype`, computing the layer (and dropping the previous one)
+        if it is not the one held. Raises KeyError for a name already taken or not of that layer."""
+        if self._layer != layer:
+            self._tensors = self._compute(layer)
+            self._layer = layer
+        return self._tensors.pop(name).to(dtype).contiguous()
+
+
+def _copied_tensors(plan: MergePlan) -> dict[int, list[str]]:
+    """Return the names of the tensors copied unchanged, by layer (-1: outside the layers), in checkpoint order.
+
+    Raises:
+        UpcycleError: a MoE block holds tensors the family does not describe (they would be lost),
+            or a dense layer of the MoE is narrower or wider than the merged FFN.
+    """
+    moe = plan.moe
+    tensors = moe.checkpoint.tensors
+    moe_names: dict[int, set[str]] = {
+        layer: set(moe.expert_tensor_names(layer)) | set(moe.shared_tensor_names(layer)) for layer in moe.moe_layers
+    }
+    layer_of = re.compile(r"\.layers\.(\d+)\.")
+    copied: dict[int, list[str]] = {}
+    for name in tensors.keys():
+        if any(name.endswith(suffix) for suffix in moe.family.ignored_source_tensors):
+            continue
+        match = layer_of.search(name)
+        layer = int(match.group(1)) if match else -1
+        if layer in moe_names and name in moe_names[layer]:
+            continue
+        if layer in moe_names and name.startswith(moe.block_prefix(layer)):
+            raise UpcycleError(
+                f"{moe.name} has {name} in a MoE block, which {moe.family.name} does not describe; "
+                "merging would drop it"
+            )
+        copied.setdefault(layer, []).append(name)
+    if plan.experts_out is None:
+        width = plan.dense_width()
+        dense_gate = moe.family.dense_mlp.gate
+        for layer, names in copied.items():
+            gate = dense_gate.format(layer=layer)
+            if gate in names and tensors.shape(gate)[0] != width:
+                raise UpcycleError(
+                    f"layer {layer} of {moe.name} is dense with width {tensors.shape(gate)[0]} but the merged "
+                    f"FFN is {width} wide; a {moe.family.source_model_types[0]} config has one width for all layers"
+                )
+    return copied
+
+
+def plan_merge(plan: MergePlan, dtype: torch.dtype | None) -> list[PlannedTensor]:
+    """Return every output tensor in write order: copies of the non-MoE tensors and the merged layers.
+
+    Floating-point tensors are written in `dtype` (None: each in its source dtype).
+
+    Raises:
+        UpcycleError: a MoE block holds tensors the family does not describe (they would be lost),
+            or a dense layer of the MoE is narrower or wider than the merged FFN.
+    """
+    moe = plan.moe
+    tensors = moe.checkpoint.tensors
+    copied = _copied_tensors(plan)
+
+    def output_dtype(source: torch.dtype) -> torch.dtype:
+        return dtype if dtype is not None and source.is_floating_point else source
+
+    planned: list[PlannedTensor] = []
+
+    def add_copies(names: list[str]) -> None:
+        for name in names:
+            out = output_dtype(tensors.dtype(name))
+            planned.append(
+                PlannedTensor(TensorSpec(name, out, tensors.shape(name)), lambda n=name, d=out: tensors.get(n).to(d))
+            )
+
+    cache = LayerCache(plan.layer_tensors)
+    top_level = copied.pop(-1, [])
+    add_copies([name for name in top_level if "embed" in name])
+    for layer in range(int(moe.config["num_hidden_layers"])):
+        add_copies(copied.get(layer, []))
+        if layer not in moe.moe_layers:
+            continue
+        weight_dtype = output_dtype(tensors.dtype(moe.layout.router.format(layer=layer)))
+        for name, shape in plan.layer_shapes(layer).items():
+            planned.append(
+                PlannedTensor(
+                    TensorSpec(name, weight_dtype, shape),
+                    lambda layer=layer, name=name, d=weight_dtype: cache.take(layer, name, d),
+                )
+            )
+    add_copies([name for name in top_level if "embed" not in name])
+    return planned
