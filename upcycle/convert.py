@@ -22,6 +22,7 @@ from upcycle.families import find_family
 from upcycle.families.configs import build_target_config, normalized_source_config
 from upcycle.generic.convert import convert_generic, generic_requested
 from upcycle.options import check_count, check_real, parse_moe_layers
+from upcycle.rng import SEED_SCHEME
 from upcycle.router_init import calibrated_router_rows, check_router_init
 from upcycle.stock_plan import plan_conversion
 from upcycle.summaries import ConvertSummary, active_parameters
@@ -209,6 +210,7 @@ def convert(
         "layout": layout,
         "dtype": dtype_name(out_dtype),
         "seed": seed,
+        "seed_scheme": SEED_SCHEME,
         "router_init": router_init,
         "router_std": std,
         **builder.settings(),

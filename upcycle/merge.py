@@ -29,8 +29,9 @@ from upcycle.merging.base import BaseFFN
 from upcycle.merging.calibrate import calibrate
 from upcycle.merging.card import write_merge_card
 from upcycle.merging.methods import DEFAULT_DENSITY, METHODS, NEEDS_CALIBRATION, TASK_VECTOR_METHODS
-from upcycle.merging.plan import DARE_SEED_SCHEME, MergePlan, plan_merge
+from upcycle.merging.plan import MergePlan, plan_merge
 from upcycle.merging.source import MoESource, moe_config_object, open_moe
+from upcycle.rng import SEED_SCHEME
 
 
 @dataclass
@@ -202,7 +203,7 @@ def merge(
         "dtype": dtype_name(out_dtype),
         "seed": seed,
         **({"density": density, "scale": scale} if method in TASK_VECTOR_METHODS else {}),
-        **({"seed_scheme": DARE_SEED_SCHEME} if method == "dare" else {}),
+        **({"seed_scheme": SEED_SCHEME} if method == "dare" else {}),
         **({"experts": experts, "top_k": top_k_out} if experts is not None else {}),
         **(
             {"grouping": "hc-smoe expert outputs" if stats else "expert weights (no calibration data)"}

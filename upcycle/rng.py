@@ -6,6 +6,10 @@ import hashlib
 
 import torch
 
+# Every random draw of a writer comes from `derived_generator`; provenance records this name as
+# `seed_scheme` (before it, random routers and DARE masks used linear formulas that could collide).
+SEED_SCHEME = "sha256"
+
 
 def derived_generator(seed: int, *key: object) -> torch.Generator:
     """Return a CPU generator seeded from `seed` and `key` (e.g. "drop", layer, expert).

@@ -23,8 +23,6 @@ from upcycle.merging.grouping import average_linkage, output_distances, weight_d
 from upcycle.merging.source import PROJECTIONS, MoESource
 from upcycle.rng import derived_generator
 
-DARE_SEED_SCHEME = "sha256"  # recorded in the provenance: DARE masks come from `dare_generator`
-
 
 def dare_generator(seed: int, layer: int, projection: str, members: list[int]) -> torch.Generator:
     """Return the generator of the DARE masks of one group: a stream of its own per (seed, layer, projection,
