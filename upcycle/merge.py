@@ -23,7 +23,7 @@ from upcycle.checkpoint import (
     parse_shard_size,
     write_checkpoint,
 )
-from upcycle.errors import UpcycleError
+from upcycle.errors import UpcycleError, flag
 from upcycle.families.configs import build_dense_config
 from upcycle.merging.base import BaseFFN
 from upcycle.merging.calibrate import calibrate
@@ -31,6 +31,7 @@ from upcycle.merging.card import write_merge_card
 from upcycle.merging.methods import DEFAULT_DENSITY, METHODS, NEEDS_CALIBRATION, TASK_VECTOR_METHODS
 from upcycle.merging.plan import MergePlan, plan_merge
 from upcycle.merging.source import MoESource, moe_config_object, open_moe
+from upcycle.options import check_count, check_real
 from upcycle.rng import SEED_SCHEME
 
 
@@ -113,14 +114,16 @@ def _validate_settings(method: str, experts: int | None, density: float | None, 
     if method not in METHODS:
         raise UpcycleError(f"unknown merge method {method!r}; use one of {', '.join(METHODS)}")
     if method in NEEDS_CALIBRATION and calibration is None:
-        raise UpcycleError(f"--method {method} weighs experts by their routing and needs --calibration DATA")
+        raise UpcycleError(
+            f"{flag('method')} {method} weighs experts by their routing and needs {flag('calibration')} DATA"
+        )
     if experts is not None and method == "concat":
         raise UpcycleError(
-            "--method concat builds one wider FFN and cannot keep --experts K of equal width; "
-            "use another method with --experts, or concat without it"
+            f"{flag('method')} concat builds one wider FFN and cannot keep {flag('experts')} K of equal width; "
+            f"use another method with {flag('experts')}, or concat without it"
         )
-    if density is not None and not 0 < density <= 1:
-        raise UpcycleError(f"--density must be in (0, 1], got {density}")
+    if density is not None:
+        check_real("density", density, minimum=0.0, maximum=1.0, exclusive_minimum=True)
 
 
 def merge(
@@ -143,6 +146,7 @@ def merge(
     revision: str | None = None,
     max_shard_size: str | int = "5GB",
     command: str | None = None,
+    card_model_id: str | None = None,
 ) -> MergeSummary:
     """Merge the MoE checkpoint `source` into a dense model (or `experts` experts) at `output`.
 
@@ -151,7 +155,8 @@ def merge(
     a fixed-weight mixture into a wider FFN), select (the most used expert). With `experts=K` the
     experts of each layer are clustered (HC-SMoE: by mean outputs on `calibration`, else by weights)
     and each cluster merged by the method. The output is written to a temporary directory next to
-    `output` and renamed at the end.
+    `output` and renamed at the end. The model card's usage snippet loads `card_model_id` (the Hub
+    repo it will be pushed to), else `output`.
 
     Returns:
         A `MergeSummary` with the output path, target type, method, weights and groups used.
@@ -163,14 +168,21 @@ def merge(
     """
     output = Path(output)
     _validate_settings(method, experts, density, calibration)
+    check_count("calibration_samples", calibration_samples)
+    check_count("max_length", max_length)
+    check_count("batch_size", batch_size)
+    check_count("seed", seed, 0)
+    check_real("scale", scale)
     out_dtype = parse_dtype(dtype)
     parse_shard_size(max_shard_size)
     check_output_dir(output, force)
     moe = open_moe(source, revision=revision)
+    if experts is not None and (isinstance(experts, bool) or not isinstance(experts, int)):
+        check_count("experts", experts)
     if experts is not None and not 1 <= experts < moe.num_experts:
         raise UpcycleError(
-            f"--experts must be between 1 and {moe.num_experts - 1} ({moe.name} has {moe.num_experts} experts); "
-            "leave it out to merge into a dense model"
+            f"{flag('experts')} must be between 1 and {moe.num_experts - 1} "
+            f"({moe.name} has {moe.num_experts} experts); leave it out to merge into a dense model"
         )
     base_ffn = BaseFFN(moe, None if base is None else str(base), method) if method in TASK_VECTOR_METHODS else None
     density = density if density is not None else DEFAULT_DENSITY.get(method, 1.0)
@@ -238,7 +250,7 @@ def merge(
         # Built once the tensors are written: the layer computations fill in the expert weights and groups.
         config=lambda directory: merged_config(moe, summary),
         side_files=moe.checkpoint.extra_files,
-        card=lambda directory: write_merge_card(directory, summary, command=command),
+        card=lambda directory: write_merge_card(directory, summary, command=command, model_id=card_model_id),
         force=force,
         max_shard_size=max_shard_size,
         quiet=quiet,

@@ -7,6 +7,7 @@ import shlex
 import sys
 
 from upcycle.commands.push_options import add_push_arguments, check_push_token, push_if_requested
+from upcycle.merging.method_names import METHODS
 
 METHOD_HELP = (
     "average (uniform mean); frequency (M-SMoE: weighted by how often the router picks each expert on "
@@ -27,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("source", help="MoE checkpoint: a local directory or a Hub model id")
     parser.add_argument("output", help="output directory (must not exist unless --force)")
-    parser.add_argument("--method", default="average", help=f"merge method (default average): {METHOD_HELP}")
+    parser.add_argument(
+        "--method", default="average", choices=METHODS, help=f"merge method (default average): {METHOD_HELP}"
+    )
     parser.add_argument(
         "--experts",
         type=int,
@@ -91,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         revision=args.revision,
         max_shard_size=args.max_shard_size,
         command="upcycle " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["merge"] else None,
+        card_model_id=args.push_to_hub,
     )
     if not args.quiet:
         shape = (

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from upcycle.checkpoint import SourceCheckpoint, open_checkpoint
-from upcycle.errors import UpcycleError
+from upcycle.errors import UpcycleError, flag
 from upcycle.merging import methods
 from upcycle.merging.source import PROJECTIONS, MoESource
 
@@ -46,7 +46,7 @@ class BaseFFN:
             self.checkpoint = open_checkpoint(base)
             problem = self._mismatch(moe)
             if problem:
-                raise UpcycleError(f"--base {base}: {problem}; give the dense model the MoE was upcycled from")
+                raise UpcycleError(f"{flag('base')} {base}: {problem}; give the dense model the MoE was upcycled from")
         else:
             recorded = upcycled_dense_source(moe.config)
             if recorded is not None and Path(recorded).is_dir():
@@ -55,8 +55,8 @@ class BaseFFN:
                     self.checkpoint = None
         if self.checkpoint is None and method == "ties":
             raise UpcycleError(
-                f"--method ties needs a base FFN to measure task vectors from and {moe.name} records no local "
-                "dense source of the experts' width; pass --base DENSE (the dense model the MoE came from)"
+                f"{flag('method')} ties needs a base FFN to measure task vectors from and {moe.name} records no local "
+                f"dense source of the experts' width; pass {flag('base')} DENSE (the dense model the MoE came from)"
             )
         if self.checkpoint is not None:
             self.description = self.checkpoint.name

@@ -32,7 +32,13 @@ def calibrate(
         layer: MoELayerProbe(moe.module_name(layer), moe.router(layer), moe.shared_gate(layer))
         for layer in moe.moe_layers
     }
-    batches = calibration_batches(tokenizer, texts, max_length=max_length, batch_size=batch_size)
+    batches = calibration_batches(
+        tokenizer,
+        texts,
+        max_length=max_length,
+        batch_size=batch_size,
+        vocab_size=int(model.get_input_embeddings().num_embeddings),
+    )
     stats = collect_routing_statistics(
         model,
         batches,

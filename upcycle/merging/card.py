@@ -19,7 +19,7 @@ METHOD_DESCRIPTIONS = {
 }
 
 
-def merge_card(summary: Any, command: str | None = None) -> str:
+def merge_card(summary: Any, command: str | None = None, model_id: str | None = None) -> str:
     """Return the model card text for a merge described by a `MergeSummary`."""
     front = {
         "base_model": summary.source,
@@ -77,7 +77,7 @@ The per-layer expert weights{" and groups" if summary.groups else ""} are record
 ```python
 from transformers import AutoModelForCausalLM
 
-model = AutoModelForCausalLM.from_pretrained("{name}")
+model = AutoModelForCausalLM.from_pretrained("{model_id or summary.output}")
 ```
 
 ## Limitations
@@ -87,8 +87,9 @@ token-dependent routing is replaced by fixed weights. Evaluate it, and fine-tune
 """
 
 
-def write_merge_card(directory: Path, summary: Any, command: str | None = None) -> Path:
-    """Write README.md for `summary` into `directory` and return its path."""
+def write_merge_card(directory: Path, summary: Any, command: str | None = None, model_id: str | None = None) -> Path:
+    """Write README.md for `summary` into `directory` and return its path; the usage snippet loads
+    `model_id` (the Hub repo it will be pushed to), else the output path."""
     path = Path(directory) / "README.md"
-    path.write_text(merge_card(summary, command))
+    path.write_text(merge_card(summary, command, model_id))
     return path

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import torch
 
-METHODS = ("average", "frequency", "router-weight", "task-arithmetic", "ties", "dare", "concat", "select")
-TASK_VECTOR_METHODS = ("task-arithmetic", "ties", "dare")
-NEEDS_CALIBRATION = ("frequency", "router-weight", "select")
-DEFAULT_DENSITY = {"ties": 0.2, "dare": 0.5}  # TIES keeps the top 20% (Yadav et al.); DARE drops half
+from upcycle.merging.method_names import DEFAULT_DENSITY, METHODS, NEEDS_CALIBRATION, TASK_VECTOR_METHODS
+
+__all__ = ["DEFAULT_DENSITY", "METHODS", "NEEDS_CALIBRATION", "TASK_VECTOR_METHODS"]
 
 
 def normalized(coefficients: torch.Tensor) -> torch.Tensor:
