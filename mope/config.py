@@ -10,6 +10,7 @@ from peft.config import PeftConfig
 
 from mope._peft_type import ensure_mope_peft_type
 from mope.errors import MoPEConfigError
+from mope.router_kinds import check_router_kind
 
 ROUTING_MODES = ("linear", "block")
 
@@ -85,13 +86,13 @@ class MoPEConfig(PeftConfig):
     router: str = field(
         default="topk",
         metadata={
-            "help": "Router kind from upcycle.moe.routers (e.g. 'topk', 'noisy_topk'); with top_k=0 the "
+            "help": "Router kind from upcycle.moe.routing (e.g. 'topk', 'noisy_topk'); with top_k=0 the "
             "'dense' router is used whatever this says."
         },
     )
     router_options: dict = field(
         default_factory=dict,
-        metadata={"help": "Extra keyword arguments for upcycle.moe.routers.build_router."},
+        metadata={"help": "Extra keyword arguments for upcycle.moe.routing.build_router."},
     )
     routing: Literal["linear", "block"] = field(
         default="linear",
@@ -170,6 +171,4 @@ class MoPEConfig(PeftConfig):
                 fail(f"num_experts_pattern key {pattern!r} is not a valid regular expression ({exc}).")
             if not isinstance(count, int) or count < max(1, self.top_k):
                 fail(f"num_experts_pattern[{pattern!r}]={count!r} must be an integer >= max(1, top_k={self.top_k}).")
-        from mope.routing import check_router_kind
-
-        check_router_kind(self)
+        check_router_kind(self, [self.num_experts, *self.num_experts_pattern.values()])

@@ -20,3 +20,7 @@ class MoPEMergeError(MoPEError):
 
 class MoPEExportError(MoPEError):
     """A MoPE model that has no exact stock-MoE equivalent (routing, router kind, targets, family)."""
+
+
+class MoPELoadError(MoPEError):
+    """A saved MoPE adapter whose weights do not match its adapter_config.json (or the base model)."""

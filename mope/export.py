@@ -43,7 +43,8 @@ from mope.card import write_mope_export_card
 from mope.config import MoPEConfig
 from mope.errors import MoPEExportError, MoPEMergeError
 from mope.layer import GatedFFNBlock, Linear
-from mope.routing import is_softmax_renormalised, router_kind
+from mope.router_kinds import router_kind
+from mope.routing import is_softmax_renormalised
 from upcycle import __version__
 from upcycle.checkpoint import (
     PlannedTensor,
@@ -357,10 +358,8 @@ def _dense_state_dict(tuner, base: nn.Module, adapter_name: str) -> dict[str, to
                 delta = module.get_delta_weight(adapter_name)
             except MoPEMergeError as exc:
                 raise MoPEExportError(
-                    f"{name} has a per-token-routed MoPE adapter outside "
-                    "the FFN blocks, which Mixtral cannot "
-                    f"hold ({exc}). Give such modules one expert (num_experts_pattern) or leave them out of "
-                    "target_modules."
+                    f"{name} has a per-token-routed MoPE adapter outside the FFN blocks, which Mixtral cannot hold "
+                    f"({exc}). Give such modules one expert (num_experts_pattern) or leave them out of target_modules."
                 ) from None
             weight = module.get_base_layer().weight
             merged[f"{name}.weight"] = (weight.float() + delta.float()).to(weight.dtype)

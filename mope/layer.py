@@ -7,7 +7,7 @@ Parameter layout (per adapter, E experts of rank r; each expert is a LoRA pair, 
 - ``mope_B``: (E, out_features, r).
 - ``mope_shared_A`` (r, in_features) / ``mope_shared_B`` (out_features, r): the always-on
   expert of ``shared_expert``.
-- ``mope_router``: an `upcycle.moe.routers.Router` (E logits from the layer's or block's input).
+- ``mope_router``: an `upcycle.moe.routing.Router` (E logits from the layer's or block's input).
 
 Why the experts are stacked rather than looped over: with the (T, E) routing weights ``g``
 (zero for experts a token did not pick) the routed update is
@@ -30,8 +30,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from mope.errors import MoPEError, MoPEMergeError
-from mope.routing import build_mope_router, combine_weights, constant_routing_weights
-from upcycle.moe.routers import RouterOutput
+from mope.router_kinds import build_mope_router
+from mope.routing import combine_weights, constant_routing_weights
+from upcycle.moe.routing import RouterOutput
 
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 

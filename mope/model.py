@@ -12,6 +12,7 @@ from torch import nn
 from mope.config import MoPEConfig
 from mope.errors import MoPEConfigError, MoPEMergeError
 from mope.layer import FFN_PROJECTIONS, GatedFFNBlock, Linear, MoPELayer, is_gated_ffn
+from mope.loading import check_loaded_weights
 
 _GATED_FFN_TARGETS = ["gate_proj", "up_proj", "down_proj"]
 TARGET_MODULE_MAPPING: dict[str, list[str]] = {
@@ -157,6 +158,22 @@ class MoPEModel(BaseTuner):
                         module.check_mergeable(adapter_name)
                     except MoPEMergeError as exc:
                         raise MoPEMergeError(f"cannot merge {key}: {exc}") from None
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: MoPEConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """PEFT's key remapping of a saved adapter, then `mope.loading.check_loaded_weights`: the one
+        hook every load path goes through (``PeftModel.from_pretrained``, ``load_adapter``,
+        ``set_peft_model_state_dict``) before weights are copied.
+
+        Raises:
+            MoPELoadError: when the file's MoPE weights are not exactly those the config builds
+                (PEFT itself would only warn and keep randomly initialised experts).
+        """
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_loaded_weights(model, config, adapter_name, remapped, cls._remove_adapter_name_from_key)
+        return remapped
 
     def routed_layers(self) -> dict[str, MoPELayer]:
         """Return the MoPE layers by module name."""

@@ -1,78 +1,15 @@
-"""How MoPE uses the routing zoo of `upcycle.moe`: choosing, building and reading routers.
+"""How MoPE reads the routers of `upcycle.moe.routing`: routing weights, and whether a router's
+weights are Mixtral's (for `mope.export`) or constant over tokens (for merging).
 
-MoPE writes no router of its own. Every router of `upcycle.moe.routers.ROUTERS` whose dispatch
-mode is ``"token"`` fits (``topk``, ``switch``, ``noisy_topk``, ``dense``, ``cosine``,
-``dselect_k``, ``base``, ``sbase``, ``hash``, ``expert_choice``, ``sentence``); the last two look
-at other tokens of the batch (not causal), which is fine for classification and leaks the future
-in causal-LM training. ``soft`` and ``smear`` mix tokens or parameters, not experts' outputs per
-token, and are refused.
+Which routers MoPE accepts and building them is `mope.router_kinds`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-from mope.errors import MoPEConfigError
-from upcycle.errors import UpcycleError
-from upcycle.moe.routers import (
-    ROUTERS,
-    DenseRouter,
-    HashRouter,
-    NoisyTopKRouter,
-    Router,
-    RouterOutput,
-    SwitchRouter,
-    TopKRouter,
-    build_router,
-)
-
-if TYPE_CHECKING:
-    from mope.config import MoPEConfig
-
-
-def router_kind(config: MoPEConfig) -> str:
-    """Return the router kind a config builds: ``"dense"`` whenever ``top_k == 0``."""
-    return "dense" if config.top_k == 0 else config.router
-
-
-def build_mope_router(config: MoPEConfig, in_features: int, num_experts: int) -> Router:
-    """Build the router of one adapted module.
-
-    Raises:
-        MoPEConfigError: for a router kind that does not fit MoPE or options it rejects.
-    """
-    kind = router_kind(config)
-    if kind not in ROUTERS:
-        raise MoPEConfigError(
-            f"MoPEConfig: unknown router {config.router!r}; valid kinds: {', '.join(sorted(ROUTERS))}."
-        )
-    if ROUTERS[kind].mode != "token":
-        raise MoPEConfigError(
-            f"MoPEConfig: router {kind!r} mixes tokens or parameters (mode {ROUTERS[kind].mode!r}), not "
-            "per-token expert outputs, so it cannot drive LoRA experts; use 'topk', 'dense' or another "
-            "token-choice router."
-        )
-    if kind == "dense" and config.top_k != 0:
-        raise MoPEConfigError(f"MoPEConfig: router='dense' uses every expert; set top_k=0 (got top_k={config.top_k}).")
-    top_k = num_experts if config.top_k == 0 else config.top_k
-    try:
-        return build_router(kind, in_features, num_experts, top_k, **config.router_options)
-    except UpcycleError as exc:
-        raise MoPEConfigError(f"MoPEConfig: cannot build router {kind!r}: {exc}") from exc
-
-
-def check_router_kind(config: MoPEConfig) -> None:
-    """Build a throw-away router of the config's kind so a bad router fails when the config is made.
-
-    Raises:
-        MoPEConfigError: see `build_mope_router`.
-    """
-    counts = [config.num_experts, *config.num_experts_pattern.values()]
-    for num_experts in sorted(set(counts)):
-        build_mope_router(config, 2, num_experts)
+from upcycle.moe.routing import DenseRouter, HashRouter, NoisyTopKRouter, RouterOutput, SwitchRouter, TopKRouter
 
 
 def combine_weights(routing: RouterOutput, num_experts: int) -> torch.Tensor:

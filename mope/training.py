@@ -7,7 +7,7 @@ from torch import nn
 
 from mope.layer import MoPELayer
 from upcycle.moe.losses import load_balancing_loss, router_z_loss, tokens_per_expert
-from upcycle.moe.routers import flatten_token_mask
+from upcycle.moe.routing import flatten_token_mask
 
 
 def _routed(model: nn.Module):

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mope_testlib import FFN, tiny_llama  # noqa: E402
 
 import mope  # noqa: E402
-from mope._peft_type import ensure_mope_peft_type  # noqa: E402
+from mope._peft_type import check_peft_load_hook, ensure_mope_peft_type  # noqa: E402
 from upcycle.errors import UpcycleError  # noqa: E402
 
 
@@ -58,6 +58,15 @@ def test_a_peft_whose_peft_type_cannot_be_extended_gets_a_clear_error():
     with pytest.raises(mope.MoPEError, match=r"could not add 'MOPE' to peft.utils.PeftType .* peft>=0.21,<0.22"):
         ensure_mope_peft_type(ClosedPeftType)
     assert [member.value for member in ClosedPeftType] == ["LORA"]
+
+
+def test_a_peft_without_the_load_hook_is_refused_instead_of_loading_random_experts():
+    class OldBaseTuner:  # peft 0.20: no _remap_adapter_state_dict_for_load
+        pass
+
+    check_peft_load_hook()  # the installed PEFT has it
+    with pytest.raises(mope.MoPEError, match=r"no BaseTuner._remap_adapter_state_dict_for_load.* peft>=0.21,<0.22"):
+        check_peft_load_hook(OldBaseTuner)
 
 
 def test_registration_adds_mope_to_peft_once():

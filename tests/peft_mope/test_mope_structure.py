@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mope_testlib import FFN, input_ids, logits, mope_model  # noqa: E402
 
 import mope  # noqa: E402
-from upcycle.moe.routers import CosineRouter, DenseRouter, TopKRouter  # noqa: E402
+from upcycle.moe.routing import CosineRouter, DenseRouter, TopKRouter  # noqa: E402
 
 PREFIX = "base_model.model.model.layers"
 
