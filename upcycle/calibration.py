@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from upcycle.errors import UpcycleError
+from upcycle.progress import progress
 
 TEXT_FIELDS = ("text", "content", "prompt")
 
@@ -140,7 +141,6 @@ def collect_ffn_inputs(
     Raises:
         UpcycleError: a module name is not in the model.
     """
-    from tqdm.auto import tqdm
 
     from upcycle.rng import derived_generator
 
@@ -163,7 +163,7 @@ def collect_ffn_inputs(
     handles = [named[name].register_forward_pre_hook(hook_for(layer)) for layer, name in modules.items()]
     try:
         with torch.no_grad():
-            for batch in tqdm(batches, desc="calibration", unit="batch", total=total, disable=quiet):
+            for batch in progress(batches, desc="calibration", unit="batch", total=total, quiet=quiet):
                 mask[:] = [batch["attention_mask"].reshape(-1).bool()]
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
@@ -248,7 +248,6 @@ def collect_routing_statistics(
     Raises:
         UpcycleError: a probe names a module the model does not have.
     """
-    from tqdm.auto import tqdm
     from transformers.activations import ACT2FN
 
     act = ACT2FN[getattr(model.config, "hidden_act", "silu")]
@@ -298,7 +297,7 @@ def collect_routing_statistics(
         handles.append(block.register_forward_pre_hook(hook_for(layer, probe)))
     device = next(model.parameters()).device
     try:
-        for batch in tqdm(batches, total=total, desc="calibration", unit="batch", disable=quiet):
+        for batch in progress(batches, total=total, desc="calibration", unit="batch", quiet=quiet):
             state["mask"] = batch["attention_mask"].reshape(-1).bool()
             model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
     finally:

@@ -16,6 +16,7 @@ from upcycle.checkpoint import (
     parse_shard_size,
     write_checkpoint,
 )
+from upcycle.checkpoint.validate import check_architecture_matches_model_type, check_config_matches_tensors
 from upcycle.errors import UpcycleError, flag
 from upcycle.experts import make_expert_builder
 from upcycle.families import find_family
@@ -114,6 +115,7 @@ def convert(
     check_output_dir(output, force)
 
     checkpoint = open_checkpoint(source, revision=revision)
+    check_architecture_matches_model_type(checkpoint.config, checkpoint.name)
     stock_only = {
         "layout": layout is not None,
         "method": method != "copy",
@@ -141,6 +143,7 @@ def convert(
         )
     source_config = normalized_source_config(checkpoint.config)
     family = find_family(source_config, target)
+    check_config_matches_tensors(checkpoint, source_config)
     layout = layout or family.default_layout
     if layout not in family.layouts:
         raise UpcycleError(

@@ -5,6 +5,7 @@ keyword (`top_k`) when the library is called from Python."""
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import Iterator
 from contextvars import ContextVar
 
@@ -13,6 +14,17 @@ _CLI_SPELLING: ContextVar[bool] = ContextVar("upcycle_cli_spelling", default=Fal
 
 class UpcycleError(Exception):
     """A problem with the user's input, with a message that names the input and the fix."""
+
+
+class Interrupted(BaseException):
+    """A termination signal (SIGTERM, SIGHUP) arrived while an output was being written.
+
+    A `BaseException`, as `KeyboardInterrupt` is, so no `except Exception` swallows it on its way out.
+    """
+
+    def __init__(self, signal_number: int):
+        self.signal_number = signal_number
+        super().__init__(f"interrupted by {signal.Signals(signal_number).name}")
 
 
 def flag(name: str) -> str:

@@ -31,6 +31,7 @@ from upcycle.errors import UpcycleError, flag
 from upcycle.families.moe_fields import TOP_K_FIELDS, first_positive_field
 from upcycle.moe import apply_capacity, expert_capacity, moe_modules
 from upcycle.options import check_count, check_real
+from upcycle.progress import progress
 
 __all__ = ["LayerRouting", "RoutingReport", "analyze_routing", "routing_report", "write_report"]
 
@@ -253,7 +254,6 @@ def analyze_routing(
     Raises:
         UpcycleError: the model is no MoE that can be read, or the data holds no tokens.
     """
-    from tqdm.auto import tqdm
 
     if capacity_factor <= 0:
         raise UpcycleError(f"{flag('capacity_factor')} must be positive, got {capacity_factor}")
@@ -266,7 +266,7 @@ def analyze_routing(
     accumulators: dict[str, _LayerAccumulator] = {}
     device = next(model.parameters()).device
     model.eval()
-    for batch in tqdm(batches, desc="routing", unit="batch", total=total, disable=True if quiet else None):
+    for batch in progress(batches, desc="routing", unit="batch", total=total, quiet=quiet):
         batch = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
         layers = _generic_layers(model, blocks, batch) if blocks else _stock_layers(model, batch)
         seq_len = batch["input_ids"].shape[1]

@@ -136,4 +136,12 @@ def resolve_source(
         return path, text
     if not looks_like_hub_id(text) or text.startswith((".", "~")):
         raise UpcycleError(f"{text} does not exist; give a checkpoint directory or a Hub model id")
-    return _download_from_hub(text, revision, tuple(extra_patterns)), text
+    try:
+        return _download_from_hub(text, revision, tuple(extra_patterns)), text
+    except UpcycleError:
+        if "/" in text and path.parent.is_dir():  # e.g. "models/tiny-lama" next to a real models/ folder
+            raise UpcycleError(
+                f"{text} does not exist: {path.parent} is a local folder, but it holds no {path.name!r} "
+                "(check the path), and no Hub model has that id either"
+            ) from None
+        raise

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from tqdm.auto import tqdm
 
 from upcycle.checkpoint.formats import CONFIG_FILE, SAFETENSORS_DTYPES, SAFETENSORS_INDEX, SHARD_PATTERN
 from upcycle.checkpoint.output import atomic_output_dir, check_output_dir
 from upcycle.errors import UpcycleError
+from upcycle.progress import progress
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ def write_tensors(
     writer = StreamingWriter(directory, [planned.spec for planned in plan], max_shard_size)
     try:
         with torch.no_grad():
-            for planned in tqdm(plan, desc=desc, unit="tensor", disable=quiet):
+            for planned in progress(plan, desc=desc, unit="tensor", quiet=quiet):
                 writer.write(planned.spec.name, planned.compute())
     except BaseException:
         writer.abort()
@@ -231,6 +231,23 @@ def write_tensors(
 def write_config(directory: Path, config: dict) -> None:
     """Write `config` as `directory`/config.json (indented, keys sorted)."""
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def check_free_space(output: Path, needed_bytes: int) -> None:
+    """Refuse, before anything is written, an output larger than the free space of its disk.
+
+    Raises:
+        UpcycleError: naming both numbers.
+    """
+    import shutil
+
+    existing = next((parent for parent in (output, *output.absolute().parents) if parent.exists()), Path("/"))
+    free = shutil.disk_usage(existing).free
+    if needed_bytes > free:
+        raise UpcycleError(
+            f"{output} needs about {needed_bytes / 1e9:.2f} GB but {existing} has {free / 1e9:.2f} GB free; "
+            "free space or choose another output (nothing was written)"
+        )
 
 
 def write_checkpoint(
@@ -245,6 +262,7 @@ def write_checkpoint(
     max_shard_size: str | int = "5GB",
     quiet: bool = False,
     desc: str = "writing tensors",
+    expected_bytes: int | None = None,
 ) -> Path:
     """Write a complete checkpoint at `output` and return its path.
 
@@ -255,14 +273,23 @@ def write_checkpoint(
     is kept), `extras` (e.g. a tokenizer's `save_pretrained`, a modeling file), and the model card
     (`card(directory)`). The directory becomes `output` only when all of that succeeded.
 
+    Before anything is written, the weights' size (the plan's bytes, or `expected_bytes` for a
+    saving function) is held against the free space of the output's disk.
+
     Raises:
-        UpcycleError: `output` exists and `force` is False, or the plan and the tensors disagree.
-        OSError: the file system refused a write. Nothing is left at `output` when it raises.
+        UpcycleError: `output` exists and `force` is False, another run writes it, the disk has
+            too little free space, the plan and the tensors disagree, or the file system refused a
+            write. Nothing is left at `output` (or next to it) when it raises.
+        Interrupted: SIGTERM or SIGHUP arrived (see `upcycle.checkpoint.output`).
     """
     import shutil
 
     output = Path(output)
     check_output_dir(output, force)
+    if expected_bytes is None and not callable(weights):
+        expected_bytes = sum(planned.spec.nbytes for planned in weights)
+    if expected_bytes is not None:
+        check_free_space(output, expected_bytes)
     with atomic_output_dir(output, force) as directory:
         if callable(weights):
             weights(directory)
