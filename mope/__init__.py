@@ -30,9 +30,10 @@ from mope.config import MoPEConfig
 from mope.errors import MoPEConfigError, MoPEError, MoPEExportError, MoPELoadError, MoPEMergeError
 from mope.export import export, export_adapter
 from mope.layer import GatedFFNBlock, Linear, MoPELayer
-from mope.loading import MOPE_IMPORT_HINT, is_mope_adapter
+from mope.loading import is_mope_adapter
 from mope.model import MoPEModel
 from mope.training import aux_loss, router_stats
+from upcycle.errors import MOPE_IMPORT_HINT
 
 __all__ = [
     "MOPE_IMPORT_HINT",

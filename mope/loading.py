@@ -24,9 +24,6 @@ from mope.errors import MoPELoadError
 from mope.layer import MoPELayer
 
 MOPE_PEFT_TYPE = "MOPE"
-MOPE_IMPORT_HINT = (
-    "this is a MoPE adapter: `import mope` before PeftModel.from_pretrained (it registers the MOPE PEFT type)"
-)
 _PEFT_PREFIX = "base_model.model."
 _ADAPTER_CONFIG = "adapter_config.json"
 _BLOCK_KEY = re.compile(r"\.mope_\w+\.(gate_proj|up_proj|down_proj)$")

@@ -41,3 +41,11 @@ def cli_spelling() -> Iterator[None]:
         yield
     finally:
         _CLI_SPELLING.reset(token)
+
+
+# What to tell someone loading a MoPE adapter without having imported `mope` (PEFT then fails with a
+# bare KeyError: 'MOPE'). Here, not in mope, so that code below mope's layer (upcycle.load,
+# upcycle inspect) can say it too; mope re-exports it as mope.MOPE_IMPORT_HINT.
+MOPE_IMPORT_HINT = (
+    "this is a MoPE adapter: `import mope` before PeftModel.from_pretrained (it registers the MOPE PEFT type)"
+)

@@ -20,7 +20,7 @@ from typing import Any
 from safetensors import safe_open
 
 from upcycle.checkpoint import CONFIG_FILE, open_checkpoint, resolve_source
-from upcycle.errors import UpcycleError
+from upcycle.errors import MOPE_IMPORT_HINT, UpcycleError
 from upcycle.families import FAMILIES
 from upcycle.families.moe_fields import EXPERTS_FIELDS, TOP_K_FIELDS, first_positive_field, router_kind
 
@@ -219,6 +219,7 @@ def inspect_adapter(directory: Path, name: str) -> dict[str, Any]:
         "modules": listed,
         "total_parameters": total,
         "active_parameters": active,
+        "loading": MOPE_IMPORT_HINT,
     }
 
 
@@ -256,6 +257,7 @@ def format_report(info: dict[str, Any]) -> str:
             ("layers", ", ".join(map(str, info["layers"])) or "-"),
             ("modules", len(info["modules"])),
             ("parameters", params(info["total_parameters"], info["active_parameters"])),
+            ("loading", "`import mope`, then PeftModel.from_pretrained(base, ADAPTER)"),
         ]
         lines = [
             f"  {m['name']}: {m['kind']}{' ' + '/'.join(m['projections']) if m['projections'] else ''}, "

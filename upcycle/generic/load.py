@@ -8,10 +8,19 @@ from pathlib import Path
 from torch import nn
 
 from upcycle.checkpoint import CONFIG_FILE, resolve_source
-from upcycle.errors import UpcycleError
+from upcycle.errors import MOPE_IMPORT_HINT, UpcycleError
 from upcycle.generic.modeling import FORMAT, upcycled_class
 
 __all__ = ["load"]
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _peft_type(adapter_config: Path) -> str | None:
+    try:
+        return json.loads(adapter_config.read_text()).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load(path: str | Path, *, revision: str | None = None, auto_class: str | None = None, **kwargs) -> nn.Module:
@@ -32,8 +41,15 @@ def load(path: str | Path, *, revision: str | None = None, auto_class: str | Non
     """
     import transformers
 
-    directory, _ = resolve_source(path, revision)
+    directory, _ = resolve_source(path, revision, extra_patterns=(ADAPTER_CONFIG,))
     config_path = directory / CONFIG_FILE
+    if not config_path.is_file() and (directory / ADAPTER_CONFIG).is_file():
+        if _peft_type(directory / ADAPTER_CONFIG) == "MOPE":
+            raise UpcycleError(
+                f"{path} is an adapter, not a model; {MOPE_IMPORT_HINT}, or export it as a model with "
+                "`upcycle export ADAPTER OUTPUT`"
+            )
+        raise UpcycleError(f"{path} is a PEFT adapter, not a model; load it with PeftModel.from_pretrained")
     if not config_path.is_file():
         raise UpcycleError(f"{directory} has no config.json; is it a model directory written by upcycle?")
     section = json.loads(config_path.read_text()).get("upcycle")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from upcycle.errors import UpcycleError
+from upcycle.errors import MOPE_IMPORT_HINT, UpcycleError
 from upcycle.training.config import ConfigError, RecipeConfig
 
 # Parameter names in transformers-5 MoE models (Mixtral/Qwen2Moe/Qwen3Moe/FlexOlmo/Olmoe:
@@ -38,6 +38,14 @@ def _auto_config(path: str, revision: str | None, trust_remote_code: bool):
 
     if not Path(path).exists() and not looks_like_hub_id(path):
         raise ConfigError(f"model.path: directory {path} does not exist (and is not a Hub model id)")
+    if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+        import mope  # registers the MOPE PEFT type, so a MoPE adapter is recognised
+
+        hint = f" ({MOPE_IMPORT_HINT})" if mope.is_mope_adapter(Path(path)) else ""
+        raise ConfigError(
+            f"model.path: {path} is a PEFT adapter, not a model{hint}; set model.path to its base model and "
+            "the adapter section (mope/lora) to train one"
+        )
     try:
         return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
