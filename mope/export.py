@@ -55,7 +55,7 @@ from upcycle.checkpoint import (
     parse_shard_size,
     write_checkpoint,
 )
-from upcycle.errors import UpcycleError
+from upcycle.errors import UpcycleError, flag
 from upcycle.families import FamilyPair, find_family
 from upcycle.families.configs import build_target_config
 from upcycle.summaries import ConvertSummary, active_parameters
@@ -70,7 +70,7 @@ _LINEAR_ROUTING_MESSAGE = (
 
 def export(
     model: nn.Module,
-    out: str | os.PathLike,
+    output: str | os.PathLike,
     *,
     adapter_name: str | None = None,
     force: bool = False,
@@ -82,15 +82,15 @@ def export(
     adapter_source: str | None = None,
     command: str | None = None,
     card_model_id: str | None = None,
-    quiet: bool = True,
+    quiet: bool = False,
 ) -> ConvertSummary:
     """Write a MoPE-adapted dense model as the stock MoE checkpoint that equals it.
 
     Args:
         model: a `peft.PeftModel` (or `MoPEModel`) holding a ``routing="block"`` MoPE adapter.
-        out: the output directory; written to a temporary sibling and renamed when complete.
+        output: the output directory; written to a temporary sibling and renamed when complete.
         adapter_name: the adapter to export (default: the active one).
-        force: replace ``out`` if it exists (only once the new checkpoint is complete).
+        force: replace ``output`` if it exists (only once the new checkpoint is complete).
         layout: ``"per-expert"`` or ``"fused"`` (default: the family's Hub layout).
         dtype: dtype of the written weights (default: the base model's); expert weights are
             computed in float32 first.
@@ -99,7 +99,7 @@ def export(
         side_files: files copied next to the weights (the base's tokenizer and generation config).
         adapter_source: where the adapter came from, for the provenance and model card.
         command: the command line that ran the export, for the model card.
-        card_model_id: what the card's usage snippet loads (the Hub repo when pushing; default: ``out``).
+        card_model_id: what the card's usage snippet loads (the Hub repo when pushing; default: ``output``).
         quiet: no progress bar.
 
     Returns:
@@ -107,16 +107,16 @@ def export(
 
     Raises:
         MoPEExportError: when the model has no exact stock MoE equivalent (see the module
-            docstring) or ``out`` exists and ``force`` is False. Nothing is left at ``out`` (or next
+            docstring) or ``output`` exists and ``force`` is False. Nothing is left at ``output`` (or next
             to it) when it raises.
     """
     tuner = _mope_tuner(model)
     adapter_name = _pick_adapter(tuner, adapter_name)
     peft_config: MoPEConfig = tuner.peft_config[adapter_name]
     base = tuner.model
-    out = Path(out)
-    if out.exists() and not force:
-        raise MoPEExportError(f"{out} already exists; choose another output or pass force=True (--force).")
+    output = Path(output)
+    if output.exists() and not force:
+        raise MoPEExportError(f"{output} already exists; choose another output or pass {flag('force')} to replace it")
     if peft_config.routing != "block":
         raise MoPEExportError(_LINEAR_ROUTING_MESSAGE)
     parse_shard_size(max_shard_size)
@@ -186,7 +186,7 @@ def export(
         raise MoPEExportError(f"cannot build the {family.target_model_type} config: {exc}") from None
     config["dtype"] = dtype_name(out_dtype)
     summary = ConvertSummary(
-        output=out,
+        output=output,
         family=family.name,
         source=source,
         source_model_type=source_config["model_type"],
@@ -200,7 +200,7 @@ def export(
         settings=settings,
     )
     write_checkpoint(
-        out,
+        output,
         weights=plan,
         config=config,
         side_files=[Path(path) for path in side_files],
@@ -215,7 +215,7 @@ def export(
 
 def export_adapter(
     adapter: str | os.PathLike,
-    out: str | os.PathLike,
+    output: str | os.PathLike,
     *,
     base_model: str | os.PathLike | None = None,
     revision: str | None = None,
@@ -225,14 +225,14 @@ def export_adapter(
     max_shard_size: str | int = "5GB",
     command: str | None = None,
     card_model_id: str | None = None,
-    quiet: bool = True,
+    quiet: bool = False,
 ) -> ConvertSummary:
     """Load a saved MoPE adapter onto its dense base model and `export` it (the
     ``upcycle convert BASE OUT --from-mope ADAPTER`` entry point).
 
     Args:
         adapter: directory (or Hub id) with ``adapter_config.json`` and the adapter weights.
-        out: the output directory.
+        output: the output directory.
         base_model: the dense model, a directory or Hub id (default: the adapter's
             ``base_model_name_or_path``); its tokenizer and generation config are copied.
         revision: Hub revision of the base model.
@@ -250,8 +250,8 @@ def export_adapter(
 
     from upcycle.checkpoint import check_output_dir, open_checkpoint
 
-    out = Path(out)
-    check_output_dir(out, force)  # before loading anything
+    output = Path(output)
+    check_output_dir(output, force)  # before loading anything
     try:
         config = PeftConfig.from_pretrained(str(adapter))
     except (ValueError, OSError) as exc:
@@ -274,7 +274,7 @@ def export_adapter(
     peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = checkpoint.name
     return export(
         peft_model,
-        out,
+        output,
         force=force,
         layout=layout,
         dtype=dtype,
