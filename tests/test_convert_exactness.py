@@ -8,25 +8,49 @@ from safetensors import safe_open
 from tiny_models import DENSE_CASES, logits
 
 from upcycle.convert import convert
-from upcycle.families import find_family
+from upcycle.errors import UpcycleError
+from upcycle.families import FAMILIES, find_family
 from upcycle.families.base import FamilyPair
 
+
+def _pairs(model_type: str, fields: dict) -> list[FamilyPair]:
+    """Every pair that takes this source (not only the default one), e.g. llama -> mixtral and qwen2_moe."""
+    pairs = []
+    for family in FAMILIES:
+        if model_type in family.source_model_types:
+            try:
+                pairs.append(find_family({"model_type": model_type, **fields}, family.target_model_type))
+            except UpcycleError:
+                continue
+    return pairs
+
+
+# Every dense case x every pair that takes it x both layouts x with and without a shared expert
+# (for targets that have one).
 CASES = [
-    (name, layout)
-    for name, (model_type, _) in DENSE_CASES.items()
-    for layout in find_family({"model_type": model_type}).layouts
+    (name, family.target_model_type, layout, shared)
+    for name, (model_type, fields) in DENSE_CASES.items()
+    for family in _pairs(model_type, fields)
+    for layout in family.layouts
+    for shared in ((0, 1) if family.shared_expert is not None else (0,))
 ]
 
 
-@pytest.mark.parametrize(("case", "layout"), CASES, ids=[f"{c}-{layout}" for c, layout in CASES])
-def test_upcycled_model_matches_dense_logits_after_stock_reload(dense_models, tmp_path, input_ids, case, layout):
+@pytest.mark.parametrize(
+    ("case", "target", "layout", "shared"), CASES, ids=[f"{c}-{t}-{layout}-shared{s}" for c, t, layout, s in CASES]
+)
+def test_upcycled_model_matches_dense_logits_after_stock_reload(
+    dense_models, tmp_path, input_ids, case, target, layout, shared
+):
     source = dense_models[case]
-    summary = convert(source, tmp_path / "moe", experts=4, top_k=2, layout=layout, quiet=True)
+    summary = convert(
+        source, tmp_path / "moe", experts=4, top_k=2, target=target, layout=layout, shared_experts=shared, quiet=True
+    )
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert "auto_map" not in config
-    assert config["model_type"] == summary.target_model_type
+    assert config["model_type"] == summary.target_model_type == target
     diff = (logits(tmp_path / "moe", input_ids) - logits(source, input_ids)).abs().max().item()
-    assert diff <= 1e-5, f"{case} {layout}: max |logit diff| {diff}"
+    assert diff <= 1e-5, f"{case} -> {target} {layout}, {shared} shared: max |logit diff| {diff}"
 
 
 def _family(case: str) -> FamilyPair:
