@@ -4,7 +4,7 @@
 `upload_folder`, with the token taken from `HF_TOKEN` or huggingface_hub's stored login, checked
 before any request (`require_token`, also used by the recipes). Every failure becomes one
 `UpcycleError` line from which the token is scrubbed; the local folder is only read. The CLI's
-`--push-to-hub` options live in `upcycle.commands.push_options`; pulling lives in `upcycle.checkpoint`.
+`--push-to-hub` options live in `upcycle.commands.output_options`; pulling lives in `upcycle.checkpoint`.
 """
 
 from __future__ import annotations

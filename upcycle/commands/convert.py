@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from upcycle.commands.push_options import add_push_arguments, check_push_token, push_if_requested
+from upcycle.commands.output_options import add_output_arguments, check_push_token, push_if_requested
 from upcycle.families import TARGETS
 
 
@@ -79,7 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="random (default), kmeans (needs --calibration), centroids (partition's default)",
     )
-    methods.add_argument("--calibration", default=None, help="kmeans: text/jsonl/parquet file or Hub dataset id")
+    methods.add_argument(
+        "--calibration", default=None, help="kmeans: .txt/.jsonl/.json/.parquet/.csv file, folder or Hub dataset id"
+    )
     methods.add_argument("--calibration-samples", type=int, default=128, help="kmeans: texts to run (default 128)")
     methods.add_argument(
         "--moe-layers", default="all", help="all (default), every:N, or indices like 0,4,8 / 0-3 (qwen targets)"
@@ -90,11 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="the older spelling of `upcycle export ADAPTER OUTPUT --base-model SOURCE`",
     )
-    parser.add_argument("--revision", default=None, help="Hub revision of the source")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    add_push_arguments(parser)
+    add_output_arguments(parser)
     parser.set_defaults(run=run)
 
 

@@ -9,7 +9,7 @@ import argparse
 import shlex
 import sys
 
-from upcycle.commands.push_options import add_push_arguments, check_push_token, push_if_requested
+from upcycle.commands.output_options import add_output_arguments, check_push_token, push_if_requested
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,11 +41,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default="auto", help="output dtype: auto (as the source), float32, bfloat16, float16"
     )
-    parser.add_argument("--revision", default=None, help="Hub revision of the source")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB = 5e9 bytes)")
-    parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    add_push_arguments(parser)
+    add_output_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from upcycle.commands.push_options import add_push_arguments, check_push_token, push_if_requested
+from upcycle.commands.output_options import add_output_arguments, check_push_token, push_if_requested
 from upcycle.merging.method_names import METHODS
 
 METHOD_HELP = (
@@ -39,7 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "experts are clustered by their mean outputs on --calibration data, else by weight similarity",
     )
     parser.add_argument(
-        "--calibration", default=None, help="calibration text: a .txt/.jsonl/.parquet file or a Hub dataset id"
+        "--calibration",
+        default=None,
+        help="calibration text: a .txt/.jsonl/.json/.parquet/.csv file, a folder or a Hub dataset id",
     )
     parser.add_argument("--calibration-samples", type=int, default=128, help="texts to read (default 128)")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per calibration text (default 256)")
@@ -62,11 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dtype", default="auto", help="output dtype: auto (as the source), float32, bfloat16, float16"
     )
-    parser.add_argument("--revision", default=None, help="Hub revision of the source")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    add_push_arguments(parser)
+    add_output_arguments(parser)
     parser.set_defaults(run=run)
 
 

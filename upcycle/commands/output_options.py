@@ -1,4 +1,5 @@
-"""The `--push-to-hub REPO_ID [--private]` options any writing subcommand gets in two lines."""
+"""The options every subcommand that writes a checkpoint shares: `--revision` (of the source),
+`--max-shard-size`, `--force`, `--quiet` and `--push-to-hub REPO_ID [--private]`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,19 @@ from pathlib import Path
 
 from upcycle.errors import UpcycleError
 from upcycle.hub import PushResult, push_folder, require_token
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the source's `--revision`, `--max-shard-size`, `--force`, `--quiet` and the push options."""
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the source")
+    parser.add_argument(
+        "--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB = 5e9 bytes; 2GiB = 2^31)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace OUTPUT if it exists (only once the new one is complete)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    add_push_arguments(parser)
 
 
 def add_push_arguments(parser: argparse.ArgumentParser) -> None:
