@@ -20,9 +20,10 @@ _PUBLIC = {
     "merge": "upcycle.merge",
     "load": "upcycle.generic.load",
     "UpcycleError": "upcycle.errors",
+    "compose": "upcycle.compose",
 }
 
-__all__ = ["ConvertSummary", "MergeSummary", "UpcycleError", "__version__", "convert", "load", "merge"]
+__all__ = ["ConvertSummary", "MergeSummary", "UpcycleError", "__version__", "compose", "convert", "load", "merge"]
 
 
 def __getattr__(name: str) -> Any:

@@ -13,7 +13,7 @@ import sys
 from upcycle.errors import Interrupted, UpcycleError, cli_spelling
 
 EXIT_USER_ERROR = 2
-COMMANDS = ("convert", "merge", "export", "inspect", "routes", "push")
+COMMANDS = ("convert", "merge", "compose", "export", "inspect", "routes", "push")
 
 
 class OneLineParser(argparse.ArgumentParser):
