@@ -6,7 +6,9 @@ A run writes into `OUT.tmp-*` next to `OUT` and renames it to `OUT` only when co
 - the final move never replaces what it did not check: without `force` it is a rename that fails if
   `OUT` exists (`renameat2(RENAME_NOREPLACE)`), so a folder that appeared at `OUT` meanwhile is kept;
 - SIGTERM and SIGHUP (`timeout`, `docker stop`, schedulers, a closed terminal) are handled like
-  Ctrl-C: the temporary directory is removed and the run stops with a clear message;
+  Ctrl-C: the temporary directory is removed and the run stops with a clear message; during the
+  final move they are held, and one that came before the move stops the run as before (one that
+  came during the rename itself is delivered after it, as if it had come after the run);
 - a temporary directory holds an owner file (`.upcycle-owner`: pid and host), so one left by SIGKILL
   is recognised, and removed with a notice, by the next run into the same output (which holds the
   lock, so no live run can own it);
@@ -61,7 +63,10 @@ def _exclusive_lock(output: Path) -> Iterator[None]:
 
     path = _lock_path(output)
     while True:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise _one_line(err, output) from None
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -119,22 +124,47 @@ def _rename_no_replace(source: Path, target: Path) -> None:
         raise OSError(code, os.strerror(code), str(target))
 
 
-@contextlib.contextmanager
-def _termination_signals_raise() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGHUP raise `Interrupted` (main thread only; elsewhere a no-op)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+_TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
-    def handler(signal_number: int, frame: object) -> None:
+
+class _TerminationSignals:
+    """Within the block, SIGTERM and SIGHUP raise `Interrupted` (main thread only; elsewhere a no-op).
+
+    After `defer()` (the final move), they are recorded instead: `raise_if_pending()` raises one
+    that came before anything irrevocable; one that came during the move itself is delivered again
+    on the way out, to the handler in place then, as if it had come just after the run.
+    """
+
+    def __init__(self) -> None:
+        self.deferring = False
+        self.pending: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def _handler(self, signal_number: int, frame: object) -> None:
+        if self.deferring:
+            self.pending = self.pending or signal_number
+            return
         raise Interrupted(signal_number)
 
-    previous = {number: signal.signal(number, handler) for number in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for number, old in previous.items():
-            signal.signal(number, old)
+    def __enter__(self) -> _TerminationSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {number: signal.signal(number, self._handler) for number in _TERMINATION_SIGNALS}
+        return self
+
+    def __exit__(self, kind: object, value: object, traceback: object) -> None:
+        for number, old in self.previous.items():
+            if old is not None:  # None: a handler installed outside Python, which cannot be put back
+                signal.signal(number, old)
+        if self.pending is not None and kind is None:
+            signal.raise_signal(self.pending)
+
+    def defer(self) -> None:
+        self.deferring = True
+
+    def raise_if_pending(self) -> None:
+        if self.pending is not None:
+            number, self.pending = self.pending, None
+            raise Interrupted(number)
 
 
 def _umask() -> int:
@@ -181,29 +211,22 @@ def atomic_output_dir(output: Path, force: bool) -> Iterator[Path]:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise _one_line(err, output) from None
-    with _exclusive_lock(output), _termination_signals_raise():
+    with _TerminationSignals() as signals, _exclusive_lock(output):
         check_output_dir(output, force)  # again, under the lock
-        _sweep_stale_temporaries(output)
-        temporary = Path(tempfile.mkdtemp(prefix=f"{output.name}.tmp-", dir=output.parent))
+        try:
+            _sweep_stale_temporaries(output)
+            temporary = Path(tempfile.mkdtemp(prefix=f"{output.name}.tmp-", dir=output.parent))
+        except OSError as err:
+            raise _one_line(err, output) from None
         try:
             temporary.chmod(0o777 & ~_umask())
             (temporary / OWNER_FILE).write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
             yield temporary
+            signals.defer()
             (temporary / OWNER_FILE).unlink()
             _fsync_directory(temporary)
-            if force and os.path.lexists(output):
-                backup = Path(tempfile.mkdtemp(prefix=f"{output.name}.old-", dir=output.parent))
-                os.replace(output, backup / output.name)
-                os.replace(temporary, output)
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                try:
-                    _rename_no_replace(temporary, output)
-                except FileExistsError:
-                    raise UpcycleError(
-                        f"{output} appeared while this run was writing; it was left as it is and nothing was "
-                        f"written (choose another output, or pass {flag('force')} to replace it)"
-                    ) from None
+            signals.raise_if_pending()
+            _move_into_place(temporary, output, force)
             _fsync_directory(output.parent)
         except OSError as err:
             shutil.rmtree(temporary, ignore_errors=True)
@@ -211,3 +234,31 @@ def atomic_output_dir(output: Path, force: bool) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
+
+
+def _move_into_place(temporary: Path, output: Path, force: bool) -> None:
+    """Rename the complete `temporary` to `output`; with `force`, an existing `output` is replaced
+    (and put back if the new one cannot take its place).
+
+    Raises:
+        UpcycleError: without `force`, something appeared at `output`.
+        OSError: a rename failed.
+    """
+    if force and os.path.lexists(output):
+        backup = Path(tempfile.mkdtemp(prefix=f"{output.name}.old-", dir=output.parent))
+        os.replace(output, backup / output.name)
+        try:
+            os.replace(temporary, output)
+        except BaseException:
+            os.replace(backup / output.name, output)
+            backup.rmdir()
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+        return
+    try:
+        _rename_no_replace(temporary, output)
+    except FileExistsError:
+        raise UpcycleError(
+            f"{output} appeared while this run was writing; it was left as it is and nothing was "
+            f"written (choose another output, or pass {flag('force')} to replace it)"
+        ) from None

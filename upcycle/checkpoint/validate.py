@@ -74,21 +74,39 @@ def check_config_matches_tensors(checkpoint: SourceCheckpoint, config: dict) -> 
             )
 
 
+def _model_types_by_class() -> dict[str, set[str]]:
+    """Return {transformers model class name: the model types whose auto mappings name it}."""
+    from transformers.models.auto import modeling_auto
+
+    types: dict[str, set[str]] = {}
+    for attribute in dir(modeling_auto):
+        mapping = getattr(modeling_auto, attribute)
+        if not attribute.endswith("_MAPPING_NAMES") or not isinstance(mapping, dict):
+            continue
+        for model_type, classes in mapping.items():
+            for class_name in classes if isinstance(classes, (list, tuple)) else (classes,):
+                types.setdefault(str(class_name), set()).add(model_type)
+    return types
+
+
 def check_architecture_matches_model_type(config: dict, name: str) -> None:
     """Refuse a config whose `architectures` name a class of another model type than `model_type`
     (e.g. model_type "llama" with "Qwen2ForCausalLM"): which one the weights follow is unknowable.
 
+    A class belongs to the model types that transformers' auto mappings pair it with (Gemma 3's
+    text-only checkpoints are model_type "gemma3_text" with "Gemma3ForCausalLM"; several model
+    types use "LlamaForCausalLM"). A class transformers does not know (remote code, an old spelling
+    such as "LLaMAForCausalLM") is not judged.
+
     Raises:
         UpcycleError: naming both fields.
     """
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
     model_type = config.get("model_type")
-    config_class = CONFIG_MAPPING_NAMES.get(model_type or "")
-    if config_class is None:
+    architectures = config.get("architectures") or []
+    if not model_type or not isinstance(architectures, list):
         return
-    prefix = config_class.removesuffix("Config")
-    foreign = [arch for arch in config.get("architectures") or [] if not str(arch).startswith(prefix)]
+    owners = _model_types_by_class()
+    foreign = [arch for arch in architectures if str(arch) in owners and model_type not in owners[str(arch)]]
     if foreign:
         raise UpcycleError(
             f"{name}: config.json says model_type {model_type!r} but architectures {foreign}, a class of another "
