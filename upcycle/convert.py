@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from upcycle import __version__
 from upcycle.card import write_model_card
 from upcycle.checkpoint import (
+    check_free_space,
     check_output_dir,
     count_parameters,
     dtype_name,
@@ -29,6 +31,24 @@ from upcycle.stock_plan import plan_conversion
 from upcycle.summaries import ConvertSummary, active_parameters
 
 __all__ = ["ConvertSummary", "convert"]
+
+
+def _estimated_output_bytes(checkpoint, family, builder, layers: list[int], out_dtype) -> int:
+    """Return about how many bytes the output's tensors take: the source's, plus each MoE layer's
+    routed experts in place of its dense FFN (shared experts and routers are small and ignored)."""
+    tensors = checkpoint.tensors
+    total = 0
+    for name in tensors.keys():
+        dtype = tensors.dtype(name)
+        size = (out_dtype if out_dtype is not None and dtype.is_floating_point else dtype).itemsize
+        total += math.prod(tensors.shape(name)) * size
+    gate = family.dense_mlp.gate.format(layer=layers[0])
+    if gate not in tensors:
+        return total
+    intermediate, hidden = tensors.shape(gate)
+    size = (out_dtype or tensors.dtype(gate)).itemsize
+    routed = builder.routed_experts() * builder.expert_size(intermediate)
+    return total + len(layers) * 3 * hidden * size * max(routed - intermediate, 0)
 
 
 def convert(
@@ -174,6 +194,8 @@ def convert(
         partition_method=partition_method,
     )
     router_init = check_router_init(router_init, builder, calibration)
+    # Before planning (a plan of 100000 experts takes long to build): refuse what the disk cannot hold.
+    check_free_space(output, _estimated_output_bytes(checkpoint, family, builder, selected_layers, out_dtype))
     router_rows = None
     if router_init == "kmeans":
         router_rows = calibrated_router_rows(

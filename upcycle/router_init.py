@@ -16,6 +16,7 @@ from upcycle.errors import UpcycleError, flag
 from upcycle.experts import ExpertBuilder, PartitionExperts
 from upcycle.families import FamilyPair
 from upcycle.kmeans import spherical_kmeans
+from upcycle.progress import progress_bars
 from upcycle.rng import derived_generator
 
 ROUTER_INITS = ("random", "kmeans", "centroids")
@@ -127,7 +128,8 @@ def calibrated_router_rows(
             f"{flag('router_init')} kmeans needs the source's tokenizer, which {checkpoint.name} lacks: "
             f"{str(err).splitlines()[0]}"
         ) from None
-    model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype="auto")
+    with progress_bars(not quiet):
+        model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype="auto")
     model.eval()
     gate_module = family.dense_mlp.gate.removesuffix(".weight")
     batch_size = 4

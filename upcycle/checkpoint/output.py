@@ -173,6 +173,19 @@ def _umask() -> int:
     return mask
 
 
+def _fsync_files(directory: Path) -> None:
+    """Flush every file below `directory` (config, tokenizer, card; shards are flushed as they close),
+    then the directory itself, so a completed output survives a power loss once renamed."""
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+    _fsync_directory(directory)
+
+
 def _fsync_directory(directory: Path) -> None:
     descriptor = os.open(directory, os.O_RDONLY)
     try:
@@ -224,7 +237,7 @@ def atomic_output_dir(output: Path, force: bool) -> Iterator[Path]:
             yield temporary
             signals.defer()
             (temporary / OWNER_FILE).unlink()
-            _fsync_directory(temporary)
+            _fsync_files(temporary)
             signals.raise_if_pending()
             _move_into_place(temporary, output, force)
             _fsync_directory(output.parent)

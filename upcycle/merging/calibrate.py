@@ -5,6 +5,7 @@ from __future__ import annotations
 from upcycle.calibration import MoELayerProbe, RoutingStatistics, calibration_batches, collect_routing_statistics
 from upcycle.errors import UpcycleError
 from upcycle.merging.source import MoESource
+from upcycle.progress import progress_bars
 
 
 def calibrate(
@@ -26,7 +27,8 @@ def calibrate(
             f"calibration needs a tokenizer and {moe.name} has none that loads ({str(err).splitlines()[0]}); "
             "save one next to the weights"
         ) from None
-    model = AutoModelForCausalLM.from_pretrained(moe.checkpoint.path, dtype="auto")
+    with progress_bars(not quiet):
+        model = AutoModelForCausalLM.from_pretrained(moe.checkpoint.path, dtype="auto")
     model.eval()
     probes = {
         layer: MoELayerProbe(moe.module_name(layer), moe.router(layer), moe.shared_gate(layer))
