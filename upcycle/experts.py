@@ -17,6 +17,7 @@ renormalised to sum to one (Mixtral, GraniteMoE, and Qwen/FlexOlmo with `norm_to
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,16 +36,57 @@ PARTITION_METHODS = ("random", "kmeans")
 GRANULAR_SCALINGS = ("paper", "down")
 
 
+class _LayerTensors:
+    """The dense FFN tensors of one layer read so far (and views derived from them), by key."""
+
+    __slots__ = ("__weakref__", "tensors")
+
+    def __init__(self):
+        self.tensors: dict[tuple, torch.Tensor] = {}
+
+
+# The one layer whose tensors are held: reading another layer's FFN drops them. A weak reference,
+# so a finished conversion's plan (and the layer it held) is freed with the plan.
+_held: weakref.ref | None = None
+
+
+def _hold(layer: _LayerTensors) -> None:
+    global _held
+    held = _held() if _held is not None else None
+    if held is not layer:
+        if held is not None:
+            held.tensors.clear()
+        _held = weakref.ref(layer)
+
+
 @dataclass(frozen=True)
 class LazyFFN:
     """One layer's dense gated FFN, read lazily: `dense("gate")` returns the gate weight (I, H);
-    `size` is I, known without reading."""
+    `size` is I, known without reading.
+
+    Each projection is read once per layer, however many experts are built from it: the tensors
+    read are kept until an FFN of another layer is read (at most one layer's FFN is held, process
+    wide). The tensors returned are therefore shared between calls: callers must not modify them
+    in place (clone first).
+    """
 
     read: Callable[[str], torch.Tensor]
     size: int
+    key: tuple = ()
+    cache: _LayerTensors = field(default_factory=_LayerTensors, compare=False, repr=False)
 
     def __call__(self, projection: str) -> torch.Tensor:
-        return self.read(projection)
+        entry = (*self.key, projection)
+        tensor = self.cache.tensors.get(entry)
+        if tensor is None:
+            _hold(self.cache)
+            tensor = self.cache.tensors[entry] = self.read(projection)
+        return tensor
+
+    def derived(self, key: object, size: int, transform: Callable[[torch.Tensor, str], torch.Tensor]) -> LazyFFN:
+        """Return the FFN whose projection `name` is `transform(self(name), name)`, `size` wide, read
+        once per layer like this one (`key` tells it from other FFNs derived from this one)."""
+        return LazyFFN(lambda name: transform(self(name), name), size, (*self.key, key), self.cache)
 
 
 def neuron_slice(weight: torch.Tensor, projection: str, neurons: torch.Tensor | slice) -> torch.Tensor:
@@ -111,10 +153,13 @@ class ExpertBuilder:
         start = self.shared_size(dense.size)
         if start == 0:
             return dense
-        return LazyFFN(lambda name: neuron_slice(dense(name), name, slice(start, None)), dense.size - start)
+        rest = slice(start, None)
+        return dense.derived(("routed", start), dense.size - start, lambda w, name: neuron_slice(w, name, rest))
 
     def projection(self, name: str, layer: int, expert: int, dense: LazyFFN) -> torch.Tensor:
-        """Return the `name` ("gate"/"up"/"down") weight of routed expert `expert` in `layer` (a fresh tensor)."""
+        """Return the `name` ("gate"/"up"/"down") weight of routed expert `expert` in `layer`.
+
+        Read-only: a plain copy is the dense tensor itself, shared with every other copy."""
         return self.routed_projection(name, layer, expert, self.routed_dense(dense))
 
     def shared_projection(self, name: str, dense: LazyFFN) -> torch.Tensor:
@@ -148,8 +193,9 @@ class CopyExperts(ExpertBuilder):
         self.method = "copy"
 
     def routed_projection(self, name, layer, expert, dense):
-        weight = dense(name).clone()
+        weight = dense(name)  # every plain copy is the very tensor read (read-only; the writer copies nothing)
         if self.noise > 0:
+            weight = weight.clone()
             generator = derived_generator(self.seed, "noise", layer, expert, name)
             weight += torch.randn(weight.shape, generator=generator).to(weight.dtype) * (
                 self.noise * weight.float().std()

@@ -8,8 +8,9 @@ and their router (`MergePlan.grouped_layer`).
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -76,9 +77,8 @@ class MergePlan:
         base: dict[str, torch.Tensor] | None,
     ) -> dict[str, torch.Tensor]:
         """Return gate/up/down of the experts `members` merged into one FFN by the method."""
-        index = torch.tensor(members)
-        sub = {p: stacks[p][index] for p in PROJECTIONS}
-        weights = coefficients[index]
+        sub = {p: [stacks[p][member] for member in members] for p in PROJECTIONS}  # views: no copy
+        weights = coefficients[torch.tensor(members)]
         if len(members) == 1:  # a singleton group keeps its expert exactly, whatever the method
             return {p: sub[p][0] for p in PROJECTIONS}
         if self.method == "select":
@@ -99,10 +99,24 @@ class MergePlan:
             }
         return {p: methods.weighted_mean(sub[p], weights) for p in PROJECTIONS}
 
+    def layer_experts(self, layer: int) -> dict[str, list[torch.Tensor]]:
+        """Return {"gate", "up", "down": each routed expert's weight} of `layer`, as read: one layer's experts,
+        the unit of memory of a merge, without stacking them into a copy (views of the fused tensors)."""
+        moe = self.moe
+        layout = moe.layout
+        if layout.fused:
+            return {p: list(stack) for p, stack in moe.expert_stacks(layer).items()}
+        tensors = moe.checkpoint.tensors
+        templates = {"gate": layout.gate, "up": layout.up, "down": layout.down}
+        return {
+            p: [tensors.get(template.format(layer=layer, expert=e)) for e in range(moe.num_experts)]
+            for p, template in templates.items()
+        }
+
     def dense_layer(self, layer: int) -> dict[str, torch.Tensor]:
         """Return the dense FFN (gate, up, down) that replaces the MoE block of `layer`."""
         moe = self.moe
-        stacks = moe.expert_stacks(layer)
+        stacks = self.layer_experts(layer)
         coefficients = self.coefficients(layer)
         self.expert_weights[layer] = methods.normalized(coefficients).tolist()
         base = self.base.projections(moe, layer, stacks) if self.base is not None else None
@@ -119,15 +133,19 @@ class MergePlan:
             }
         return merged
 
-    def grouped_layer(self, layer: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return (router (K, H), stacked merged experts {gate, up, down} with K first) of `layer`."""
+    def grouped_layer(self, layer: int) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        """Return (router (K, H), the K merged experts {gate, up, down: K tensors}) of `layer`.
+
+        Each merged expert keeps the dtype its merge gave (float64, float32, or the source's for a
+        singleton group): every one of them casts to the output dtype as its float64 copy would.
+        """
         moe = self.moe
-        stacks = moe.expert_stacks(layer)
+        stacks = self.layer_experts(layer)
         stats = self.stats.get(layer)
         if stats is not None and stats.expert_output_sum is not None:
             distances = output_distances(stats.mean(stats.expert_output_sum))
         else:
-            distances = weight_distances([stacks[p] for p in PROJECTIONS])
+            distances = weight_distances(_StackedOnRead([stacks[p] for p in PROJECTIONS]))
         groups = average_linkage(distances, self.experts_out)
         self.groups[layer] = groups
         coefficients = self.coefficients(layer)
@@ -144,7 +162,7 @@ class MergePlan:
                 rows.append(router[members[int(torch.argmax(weights))]].double())
             else:
                 rows.append(methods.weighted_mean(router[torch.tensor(members)], weights))
-        return torch.stack(rows), {p: torch.stack([t.double() for t in merged[p]]) for p in PROJECTIONS}
+        return torch.stack(rows), merged
 
     def layer_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
         """Return {name: shape} of the tensors that replace layer `layer`'s MoE block, in write order."""
@@ -186,8 +204,9 @@ class MergePlan:
         router, merged = self.grouped_layer(layer)
         tensors = {layout.router.format(layer=layer): router}
         if layout.fused:
-            tensors[layout.gate_up.format(layer=layer)] = torch.cat([merged["gate"], merged["up"]], dim=1)
-            tensors[layout.down.format(layer=layer)] = merged["down"]
+            gate, up, down = (_stacked(merged[p]) for p in PROJECTIONS)
+            tensors[layout.gate_up.format(layer=layer)] = torch.cat([gate, up], dim=1)
+            tensors[layout.down.format(layer=layer)] = down
         else:
             for expert in range(self.experts_out):
                 for projection, template in (("gate", layout.gate), ("up", layout.up), ("down", layout.down)):
@@ -195,6 +214,25 @@ class MergePlan:
         for name in moe.shared_tensor_names(layer):
             tensors[name] = moe.checkpoint.tensors.get(name)
         return tensors
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Return `tensors` stacked in their common dtype (conversions to a wider float are exact)."""
+    dtype = functools.reduce(torch.promote_types, (tensor.dtype for tensor in tensors))
+    return torch.stack([tensor.to(dtype) for tensor in tensors])
+
+
+class _StackedOnRead(Sequence):
+    """The projections' expert lists, each stacked (E, ...) only when read: one stacked copy at a time."""
+
+    def __init__(self, projections: list[list[torch.Tensor]]):
+        self._projections = projections
+
+    def __len__(self) -> int:
+        return len(self._projections)
+
+    def __getitem__(self, index):
+        return torch.stack(self._projections[index])
 
 
 class LayerCache:
