@@ -202,11 +202,21 @@ def _expert_tensors(builder, expert_layout, layer, hidden, expert_size, weight_d
 def _shared_expert(
     family: FamilyPair, builder: ExpertBuilder, layer: int, hidden: int, weight_dtype: torch.dtype, dense: LazyFFN
 ) -> list[PlannedTensor]:
-    """The shared expert (the builder's shared neurons, down_proj times the family's `down_scale`) and a
-    zero sigmoid gate; width 0 (it adds exactly zero) without shared experts, for targets that always
-    have one."""
+    """The shared expert (the builder's shared neurons, down_proj times the family's `down_scale`) and its
+    sigmoid gate; width 0 (it adds exactly zero) without shared experts, for targets that always have one.
+
+    The gate must give sigmoid(gate . x) == 0.5 for every x. All zeros does in transformers and vLLM,
+    but llama.cpp's qwen2moe graph computes that sigmoid as silu(z) / z, which is 0/0 = NaN at z = 0
+    (every logit NaN). So every entry is a tiny power of two instead: 2^-64, which makes z so small
+    that sigmoid(z) rounds to exactly 0.5 in float32 and bfloat16 (|z| < 2^-25) while z stays a
+    normal float32 (llama.cpp keeps this gate in float32). float16 cannot hold 2^-64; it gets its
+    smallest value 2^-24: exact when run in float16 while |sum(x)| < 2^14, within about
+    2^-26 * |sum(x)| of 0.5 when upcast to float32.
+    """
     shared = family.shared_expert
     width = builder.shared_size(dense.size)
+    info = torch.finfo(weight_dtype)
+    gate_value = 2.0**-64 if info.tiny <= 2.0**-64 else info.tiny * info.eps  # float16: 2^-24
 
     def projection(name: str) -> torch.Tensor:
         weight = builder.shared_projection(name, dense).float()
@@ -226,7 +236,7 @@ def _shared_expert(
     planned.append(
         PlannedTensor(
             TensorSpec(shared.expert_gate.format(layer=layer), weight_dtype, (1, hidden)),
-            lambda: torch.zeros((1, hidden), dtype=weight_dtype),
+            lambda: torch.full((1, hidden), gate_value, dtype=weight_dtype),
         )
     )
     return planned
