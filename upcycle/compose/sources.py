@@ -34,6 +34,7 @@ MATCHED_FIELDS = (
     "attention_bias",
     "tie_word_embeddings",
 )
+CHECKED_WITH_BASE = ("model_type", "architectures")
 
 
 @dataclass
@@ -46,10 +47,14 @@ class OpenedSources:
     distinct: list[SourceCheckpoint] = field(default_factory=list)  # the experts' distinct sources, in order
 
 
-def _open(label: str, source: str, revision: str | None) -> SourceCheckpoint:
+def _open(label: str, source: str, revision: str | None, base: SourceCheckpoint | None = None) -> SourceCheckpoint:
     try:
         checkpoint = open_checkpoint(source, revision=revision)
-        check_architecture_matches_model_type(checkpoint.config, checkpoint.name)
+        # The check reads transformers' auto mappings (about a second); a source that names the
+        # base's model_type and architectures was checked with the base.
+        same = base is not None and all(checkpoint.config.get(k) == base.config.get(k) for k in CHECKED_WITH_BASE)
+        if not same:
+            check_architecture_matches_model_type(checkpoint.config, checkpoint.name)
     except UpcycleError as err:
         raise UpcycleError(f"{label}: {err}") from None
     return checkpoint
@@ -102,7 +107,7 @@ def open_sources(recipe: Recipe) -> OpenedSources:
         key = (expert.source, expert.revision)
         if key not in cache:
             label = f"{recipe.where}: experts[{index}]"
-            checkpoint = _open(label, expert.source, expert.revision)
+            checkpoint = _open(label, expert.source, expert.revision, base)
             if checkpoint.config.get("model_type") != base.config.get("model_type"):
                 raise UpcycleError(
                     f"{label} {checkpoint.name}: model_type is {checkpoint.config.get('model_type')!r} but the base "
