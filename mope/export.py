@@ -32,7 +32,7 @@ fused layouts, config (with an ``upcycle`` provenance section) and model card as
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +42,12 @@ from torch import nn
 from mope.card import write_mope_export_card
 from mope.config import MoPEConfig
 from mope.errors import MoPEExportError, MoPEMergeError
-from mope.layer import GatedFFNBlock, Linear
+from mope.export_plan import is_adapted, plan_export
+from mope.layer import Linear
 from mope.router_kinds import router_kind
 from mope.routing import is_softmax_renormalised
 from upcycle import __version__
 from upcycle.checkpoint import (
-    PlannedTensor,
-    TensorSpec,
     count_parameters,
     dtype_name,
     parse_dtype,
@@ -56,12 +55,10 @@ from upcycle.checkpoint import (
     write_checkpoint,
 )
 from upcycle.errors import UpcycleError, flag
-from upcycle.families import FamilyPair, find_family
+from upcycle.families import find_family
 from upcycle.families.configs import build_target_config
 from upcycle.summaries import ConvertSummary, active_parameters
 
-_PROJECTIONS = ("gate", "up", "down")
-_MOPE_PROJECTIONS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 _LINEAR_ROUTING_MESSAGE = (
     "only routing='block' adapters are MoE models: with routing='linear' each projection mixes its own experts "
     "inside the FFN, which no stock MoE architecture computes. Train with routing='block', or keep the PeftModel."
@@ -139,7 +136,7 @@ def export(
         dense = _dense_state_dict(tuner, base, adapter_name)
     if getattr(base.config, "tie_word_embeddings", False):
         dense.pop("lm_head.weight", None)
-    plan, expert_size = _plan(family, layout, dense, blocks, adapter_name, num_experts, out_dtype)
+    plan, expert_size = plan_export(family, layout, dense, blocks, adapter_name, num_experts, out_dtype)
     hidden = int(source_config["hidden_size"])
     total = count_parameters(planned.spec for planned in plan)
     active = active_parameters(total, len(blocks), num_experts, top_k, 3 * expert_size * hidden)
@@ -160,7 +157,7 @@ def export(
             {
                 name
                 for block in blocks
-                if _is_adapted(block, adapter_name)
+                if is_adapted(block, adapter_name)
                 for name in block.adapted_projections(adapter_name)
             }
         ),
@@ -181,7 +178,10 @@ def export(
         **settings,
     }
     try:
-        config = build_target_config(family, source_config, num_experts, top_k, expert_size, provenance)
+        placeholder = family.shared_expert.placeholder_width if family.shared_expert else 0
+        config = build_target_config(
+            family, source_config, num_experts, top_k, expert_size, provenance, shared_expert_size=placeholder
+        )
     except UpcycleError as exc:
         raise MoPEExportError(f"cannot build the {family.target_model_type} config: {exc}") from None
     config["dtype"] = dtype_name(out_dtype)
@@ -307,10 +307,6 @@ def _pick_adapter(tuner, adapter_name: str | None) -> str:
     return adapter_name
 
 
-def _is_adapted(block: nn.Module, adapter_name: str) -> bool:
-    return isinstance(block, GatedFFNBlock) and adapter_name in block.mope_A
-
-
 def _ffn_blocks(base: nn.Module, num_layers: int) -> list[nn.Module]:
     try:
         layers = base.get_submodule("model.layers")
@@ -327,7 +323,7 @@ def _moe_shape(blocks: list[nn.Module], adapter_name: str) -> tuple[int, int]:
     Raises:
         MoPEExportError: no adapted block, blocks of different shapes, or a non-stock router.
     """
-    adapted = [block for block in blocks if _is_adapted(block, adapter_name)]
+    adapted = [block for block in blocks if is_adapted(block, adapter_name)]
     if not adapted:
         raise MoPEExportError(f"adapter {adapter_name!r} adapts no FFN block; there is no MoE to export.")
     shapes = {(block.num_experts[adapter_name], block.mope_router[adapter_name].top_k) for block in adapted}
@@ -376,125 +372,3 @@ def _dense_state_dict(tuner, base: nn.Module, adapter_name: str) -> dict[str, to
         state[key] = tensor
     state.update(merged)
     return state
-
-
-def _plan(
-    family: FamilyPair,
-    layout: str,
-    dense: dict[str, torch.Tensor],
-    blocks: list[nn.Module],
-    adapter_name: str,
-    num_experts: int,
-    out_dtype: torch.dtype,
-) -> tuple[list[PlannedTensor], int]:
-    """Return (the output tensors in model order, the experts' intermediate size)."""
-    names = family.dense_mlp
-    expert_layout = family.layouts[layout]
-    mlp_names = {
-        template.format(layer=layer) for layer in range(len(blocks)) for template in (names.gate, names.up, names.down)
-    }
-    missing = sorted(mlp_names - set(dense))
-    if missing:
-        raise MoPEExportError(f"the base model has no {missing[0]}; is it a {family.name} source?")
-
-    def cast(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(out_dtype) if tensor.is_floating_point() else tensor
-
-    def planned(name: str, shape: tuple[int, ...], compute: Callable[[], torch.Tensor], dtype=out_dtype):
-        return PlannedTensor(TensorSpec(name, dtype, tuple(shape)), compute)
-
-    def copied(name: str) -> PlannedTensor:
-        tensor = dense[name]
-        dtype = out_dtype if tensor.is_floating_point() else tensor.dtype
-        return planned(name, tuple(tensor.shape), lambda: cast(dense[name]), dtype)
-
-    by_layer: dict[int, list[str]] = {}
-    for name in dense:
-        if name in mlp_names:
-            continue
-        layer = _layer_index(name)
-        by_layer.setdefault(layer, []).append(name)
-    top_level = by_layer.pop(-1, [])
-    plan = [copied(name) for name in top_level if "embed" in name]
-    expert_size = 0
-    for layer, block in enumerate(blocks):
-        plan.extend(copied(name) for name in by_layer.get(layer, []))
-        weights = {p: dense[getattr(names, p).format(layer=layer)] for p in _PROJECTIONS}
-        expert_size, hidden = weights["gate"].shape
-        experts = _ExpertWeights(block, adapter_name, weights, num_experts)
-        router = (
-            block.mope_router[adapter_name].weight.detach()
-            if _is_adapted(block, adapter_name)
-            else torch.zeros(num_experts, hidden)
-        )
-        plan.append(planned(expert_layout.router.format(layer=layer), (num_experts, hidden), lambda r=router: cast(r)))
-        if expert_layout.fused:
-            plan.append(
-                planned(
-                    expert_layout.gate_up.format(layer=layer),
-                    (num_experts, 2 * expert_size, hidden),
-                    lambda e=experts: cast(torch.cat([e.all("gate"), e.all("up")], dim=1)),
-                )
-            )
-            plan.append(
-                planned(
-                    expert_layout.down.format(layer=layer),
-                    (num_experts, hidden, expert_size),
-                    lambda e=experts: cast(e.all("down")),
-                )
-            )
-        else:
-            for expert in range(num_experts):
-                for projection in _PROJECTIONS:
-                    plan.append(
-                        planned(
-                            getattr(expert_layout, projection).format(layer=layer, expert=expert),
-                            tuple(weights[projection].shape),
-                            lambda e=experts, p=projection, i=expert: cast(e.one(p, i)),
-                        )
-                    )
-        if family.shared_expert is not None:
-            plan.extend(_empty_shared_expert(family, layer, hidden, planned))
-    plan.extend(copied(name) for name in top_level if "embed" not in name)
-    return plan, expert_size
-
-
-class _ExpertWeights:
-    """The float32 weights of a block's experts, ``W + delta_i`` per projection, computed on demand."""
-
-    def __init__(self, block: nn.Module, adapter_name: str, dense: dict[str, torch.Tensor], num_experts: int):
-        self.block, self.adapter_name, self.dense, self.num_experts = block, adapter_name, dense, num_experts
-        self.adapted = block.adapted_projections(adapter_name) if _is_adapted(block, adapter_name) else ()
-
-    def all(self, projection: str) -> torch.Tensor:
-        """(E, out, in) weights of every expert on one projection."""
-        weight = self.dense[projection].float().unsqueeze(0).expand(self.num_experts, -1, -1)
-        if _MOPE_PROJECTIONS[projection] not in self.adapted:
-            return weight.clone()
-        return weight + self.block.expert_delta_weights(self.adapter_name, _MOPE_PROJECTIONS[projection]).float()
-
-    def one(self, projection: str, expert: int) -> torch.Tensor:
-        """(out, in) weight of one expert on one projection."""
-        return self.all(projection)[expert] if _MOPE_PROJECTIONS[projection] in self.adapted else self.dense[projection]
-
-
-def _empty_shared_expert(family: FamilyPair, layer: int, hidden: int, planned) -> list[PlannedTensor]:
-    """A width-0 shared expert and a zero gate, for targets that always have one (Qwen2-MoE): it adds 0."""
-    shared = family.shared_expert
-    shapes = {
-        shared.gate: (0, hidden),
-        shared.up: (0, hidden),
-        shared.down: (hidden, 0),
-        shared.expert_gate: (1, hidden),
-    }
-    return [
-        planned(template.format(layer=layer), shape, lambda shape=shape: torch.zeros(shape))
-        for template, shape in shapes.items()
-    ]
-
-
-def _layer_index(name: str) -> int:
-    parts = name.split(".")
-    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
-        return int(parts[2])
-    return -1

@@ -182,11 +182,6 @@ def test_qwen2_moe_shared_expert_is_sized_and_its_gate_is_not_zero(outputs, name
             assert bool((gate != 0).all()) and torch.sigmoid(gate.float() @ torch.ones(gate.shape[1])).item() == 0.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a zero-width shared expert (qwen2_moe without --shared-experts) converts to GGUF but "
-    "llama.cpp's qwen2moe loader refuses it; the fix needs a nonzero placeholder width in the config",
-)
 @pytest.mark.parametrize("name", [name for name, _, _ in ZERO_WIDTH_SHARED])
 def test_qwen2_moe_without_shared_experts_has_a_loadable_shared_expert(outputs, name):
     config, shapes = written(outputs[name])

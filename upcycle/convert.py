@@ -262,7 +262,8 @@ def convert(
         routed_top_k,
         expert_size,
         provenance,
-        shared_expert_size=builder.shared_size(dense_size),
+        shared_expert_size=builder.shared_size(dense_size)
+        or (family.shared_expert.placeholder_width if family.shared_expert else 0),
         dense_layers=[layer for layer in range(num_layers) if layer not in moe_layer_list],
     )
     if out_dtype is not None:

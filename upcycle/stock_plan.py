@@ -215,10 +215,14 @@ def _shared_expert(
     """
     shared = family.shared_expert
     width = builder.shared_size(dense.size)
-    info = torch.finfo(weight_dtype)
-    gate_value = 2.0**-64 if info.tiny <= 2.0**-64 else info.tiny * info.eps  # float16: 2^-24
+    placeholder = width == 0 and shared.placeholder_width > 0
+    if placeholder:
+        width = shared.placeholder_width
+    gate_value = shared.gate_value(weight_dtype)
 
     def projection(name: str) -> torch.Tensor:
+        if placeholder:
+            return torch.zeros((hidden, width) if name == "down" else (width, hidden), dtype=weight_dtype)
         weight = builder.shared_projection(name, dense).float()
         return (weight * shared.down_scale if name == "down" else weight).to(weight_dtype)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 # Keys of a source config.json that describe the file or the source class rather than the model.
 NEVER_COPIED = frozenset(
     {"architectures", "model_type", "transformers_version", "auto_map", "_name_or_path", "upcycle"}
@@ -41,8 +43,10 @@ class ExpertLayout:
 class SharedExpertNames:
     """Tensor-name templates of an always-on shared expert and its sigmoid gate, with `{layer}`.
 
-    `down_scale` multiplies the shared expert's down_proj: the gate is written as zeros, so the
-    target scales the shared output by sigmoid(0) = 0.5, and doubling down_proj cancels it.
+    `down_scale` multiplies the shared expert's down_proj: the gate is written as `gate_value`
+    (2^-64 in every entry: sigmoid of it is 0.5 exactly in float32/bfloat16, and it is not zero,
+    which llama.cpp's sigmoid = silu(z)/z turns into NaN), so the target scales the shared output
+    by 0.5, and doubling down_proj cancels it.
     """
 
     gate: str
@@ -50,6 +54,16 @@ class SharedExpertNames:
     down: str
     expert_gate: str
     down_scale: float = 2.0
+    # Width written, all zeros, when no shared expert is requested (0: width 0). llama.cpp's qwen2moe
+    # always runs a shared expert and refuses width 0; vLLM then expects no shared tensors at all.
+    placeholder_width: int = 0
+
+    @staticmethod
+    def gate_value(dtype: torch.dtype) -> float:
+        """Return the value written into every entry of the shared-expert gate for `dtype`: 2^-64, or
+        the smallest subnormal-free step where the dtype cannot hold it (float16: 2^-24)."""
+        info = torch.finfo(dtype)
+        return 2.0**-64 if info.tiny <= 2.0**-64 else info.tiny * info.eps
 
 
 @dataclass(frozen=True)

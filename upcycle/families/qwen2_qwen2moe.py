@@ -37,6 +37,7 @@ FAMILY = FamilyPair(
         up="model.layers.{layer}.mlp.shared_expert.up_proj.weight",
         down="model.layers.{layer}.mlp.shared_expert.down_proj.weight",
         expert_gate="model.layers.{layer}.mlp.shared_expert_gate.weight",
+        placeholder_width=64,
     ),
     shared_expert_size_field="shared_expert_intermediate_size",
     # Qwen2 always has q/k/v bias; Qwen2-MoE makes it a field.

@@ -198,6 +198,9 @@ def open_moe(source: str | Path, revision: str | None = None) -> MoESource:
     if family.shared_expert is not None:
         name = family.shared_expert.gate.format(layer=moe_layers[0])
         shared_size = checkpoint.tensors.shape(name)[0] if name in checkpoint.tensors else 0
+        down = family.shared_expert.down
+        if shared_size and all(not checkpoint.tensors.get(down.format(layer=layer)).any() for layer in moe_layers):
+            shared_size = 0  # a placeholder (all-zero down_proj) adds nothing: folding it only widens the FFN
     return MoESource(
         checkpoint=checkpoint,
         config=config,
