@@ -209,3 +209,12 @@ def test_qwen2_moe_has_the_qkv_biases_vllm_always_builds(outputs, name):
     for layer in range(config["num_hidden_layers"]):
         for projection in ("q_proj", "k_proj", "v_proj"):
             assert f"model.layers.{layer}.self_attn.{projection}.bias" in shapes
+
+
+def test_convert_names_what_serves_a_target_an_engine_cannot_run(dense_models, tmp_path, capsys):
+    convert(dense_models["olmo2"], tmp_path / "flex", experts=2, top_k=1)
+    assert "upcycle: notice: llama.cpp has no FlexOlmo architecture" in capsys.readouterr().err
+    convert(dense_models["llama-gqa"], tmp_path / "mixtral", experts=2, top_k=1)
+    assert "notice" not in capsys.readouterr().err
+    convert(dense_models["mistral-sliding"], tmp_path / "sliding", experts=2, top_k=1)
+    assert "llama.cpp runs Mixtral without a sliding window" in capsys.readouterr().err

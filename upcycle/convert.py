@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 from upcycle import __version__
@@ -163,6 +164,9 @@ def convert(
         )
     source_config = normalized_source_config(checkpoint.config)
     family = find_family(source_config, target)
+    notice_applies = not family.engine_notice_field or source_config.get(family.engine_notice_field)
+    if family.engine_notice and notice_applies and not quiet:
+        print(f"upcycle: notice: {family.engine_notice}", file=sys.stderr)
     check_config_matches_tensors(checkpoint, source_config)
     layout = layout or family.default_layout
     if layout not in family.layouts:

@@ -42,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--layout",
         choices=["per-expert", "fused"],
         default=None,
-        help="on-disk expert layout (default: the family's Hub layout, per-expert where it exists; fused is read by "
-        "transformers only, not by llama.cpp's converter or vLLM)",
+        help="on-disk expert layout (default: the family's Hub layout, per-expert where it exists); fused Mixtral is "
+        "read by transformers only, not by llama.cpp's converter or vLLM (README: Supported pairs)",
     )
     parser.add_argument(
         "--dtype", default="auto", help="output dtype: auto (as the source), float32, bfloat16, float16"

@@ -36,7 +36,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--layout",
         choices=["per-expert", "fused"],
         default=None,
-        help="on-disk expert layout (default per-expert where the family has it; fused is read by transformers only)",
+        help="on-disk expert layout (default per-expert where the family has it; fused Mixtral: transformers only)",
     )
     parser.add_argument(
         "--dtype", default="auto", help="output dtype: auto (as the source), float32, bfloat16, float16"

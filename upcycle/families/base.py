@@ -108,3 +108,8 @@ class FamilyPair:
     requirements: tuple[Requirement, ...] = ()
     ignored_source_tensors: tuple[str, ...] = ("rotary_emb.inv_freq",)
     notes: str = ""
+    # One line `convert` prints when a serving engine cannot run the target as written (measured with
+    # scripts/compat/engines.py); empty when llama.cpp and vLLM both run it exactly.
+    engine_notice: str = ""
+    # When set, the notice applies only to sources whose config sets this field (e.g. sliding_window).
+    engine_notice_field: str = ""

@@ -16,6 +16,9 @@ FAMILY = replace(
     source_model_types=("llama",),
     overrides={**QWEN2_QWEN2MOE.overrides, "qkv_bias": False},
     extra_copied_fields=frozenset({"head_dim"}),
+    engine_notice="vLLM's Qwen2-MoE always builds q/k/v biases, which a Llama source has none of (wrong logits "
+    "there), and llama.cpp's qwen2moe does not renormalise top-k; to serve with them use the default "
+    "--target mixtral",
     requirements=(
         Requirement("attention_bias", False, "Qwen2-MoE has bias on q/k/v only, never on o_proj"),
         Requirement("mlp_bias", False, "Qwen2-MoE experts have no bias"),

@@ -14,4 +14,6 @@ FAMILY = FamilyPair(
     layouts=QWEN_LAYOUTS,
     default_layout="per-expert",
     overrides={"norm_topk_prob": True},
+    engine_notice="llama.cpp has no FlexOlmo architecture (its GGUF converter refuses it); serve this with vLLM "
+    "(Transformers backend) or transformers",
 )

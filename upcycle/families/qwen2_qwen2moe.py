@@ -27,6 +27,8 @@ FAMILY = FamilyPair(
     source_model_types=("qwen2",),
     target_model_type="qwen2_moe",
     target_architecture="Qwen2MoeForCausalLM",
+    engine_notice="llama.cpp's qwen2moe does not renormalise the top-k weights, so it matches transformers only "
+    "with --top-k equal to --experts; vLLM runs it exactly",
     experts_field="num_experts",
     top_k_field="num_experts_per_tok",
     expert_size_field="moe_intermediate_size",
