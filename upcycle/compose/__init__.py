@@ -168,7 +168,9 @@ def compose(
         plan_recipe.top_k,
         expert_size,
         provenance,
-        shared_expert_size=builder.shared_size(expert_size),
+        # As convert: a target that always has a shared expert gets the family's all-zero placeholder.
+        shared_expert_size=builder.shared_size(expert_size)
+        or (getattr(family.shared_expert, "placeholder_width", 0) if family.shared_expert else 0),
         dense_layers=[layer for layer in range(num_layers) if layer not in moe_layer_list],
     )
     if out_dtype is not None:
