@@ -8,6 +8,7 @@ plan (`upcycle.stock_plan`; routed expert e is source e's FFN), then stream the 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from upcycle import __version__
@@ -76,6 +77,12 @@ def compose(
     opened = open_sources(plan_recipe)
     source_config = opened.base_config
     family = find_family(source_config, plan_recipe.target)
+    # As convert: say once where the stock target is not exact in other engines (attributes read
+    # defensively: family tables are edited independently of compose).
+    notice = getattr(family, "engine_notice", "")
+    notice_field = getattr(family, "engine_notice_field", "")
+    if notice and (not notice_field or source_config.get(notice_field)) and not quiet:
+        print(f"upcycle: notice: {notice}", file=sys.stderr)
     layout = layout or family.default_layout
     if layout not in family.layouts:
         raise UpcycleError(
