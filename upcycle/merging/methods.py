@@ -73,7 +73,7 @@ def weighted_mean(stack: torch.Tensor | Sequence[torch.Tensor], coefficients: to
         accumulator.zero_()
         for flat, coefficient in used:
             term.copy_(flat[start : start + CHUNK])
-            accumulator.add_(term.mul_(coefficient))
+            accumulator.add_(term if coefficient == 1.0 else term.mul_(coefficient))  # x * 1.0 is x
         accumulator.div_(divisor)
     return total.view(shape)
 
