@@ -176,3 +176,16 @@ def test_card_names_every_hub_source_as_a_merge(tmp_path):
     assert front["base_model"] == ["org/base", "org/code", "org/math"]
     assert front["base_model_relation"] == "merge"
     assert "merge" in front["tags"]
+
+
+def test_task_vector_merge_of_a_composed_moe_finds_the_base_by_itself(sources, tmp_path):
+    recipe = {"base": str(sources["base"]), "router_init": "random", "top_k": 1}
+    recipe["experts"] = [str(sources[name]) for name in ("ft1", "ft2")]
+    assert main(["compose", str(recipe_file(tmp_path, recipe)), str(tmp_path / "moe"), "--quiet"]) == 0
+    merged = upcycle.merge(tmp_path / "moe", tmp_path / "dense", method="task-arithmetic", quiet=True)
+    assert merged.base == str(sources["base"])  # read from the compose provenance, no --base needed
+    dense, base = read_all(tmp_path / "dense"), read_all(sources["base"])
+    ft1, ft2 = read_all(sources["ft1"]), read_all(sources["ft2"])
+    name = "model.layers.0.mlp.gate_proj.weight"
+    expected = base[name] + ((ft1[name] - base[name]) + (ft2[name] - base[name])) / 2
+    assert torch.allclose(dense[name], expected, atol=1e-6)

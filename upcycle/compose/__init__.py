@@ -77,12 +77,10 @@ def compose(
     opened = open_sources(plan_recipe)
     source_config = opened.base_config
     family = find_family(source_config, plan_recipe.target)
-    # As convert: say once where the stock target is not exact in other engines (attributes read
-    # defensively: family tables are edited independently of compose).
-    notice = getattr(family, "engine_notice", "")
-    notice_field = getattr(family, "engine_notice_field", "")
-    if notice and (not notice_field or source_config.get(notice_field)) and not quiet:
-        print(f"upcycle: notice: {notice}", file=sys.stderr)
+    # As convert: say once where the stock target is not exact in other engines.
+    notice_applies = not family.engine_notice_field or source_config.get(family.engine_notice_field)
+    if family.engine_notice and notice_applies and not quiet:
+        print(f"upcycle: notice: {family.engine_notice}", file=sys.stderr)
     layout = layout or family.default_layout
     if layout not in family.layouts:
         raise UpcycleError(
@@ -177,7 +175,7 @@ def compose(
         provenance,
         # As convert: a target that always has a shared expert gets the family's all-zero placeholder.
         shared_expert_size=builder.shared_size(expert_size)
-        or (getattr(family.shared_expert, "placeholder_width", 0) if family.shared_expert else 0),
+        or (family.shared_expert.placeholder_width if family.shared_expert else 0),
         dense_layers=[layer for layer in range(num_layers) if layer not in moe_layer_list],
     )
     if out_dtype is not None:

@@ -18,11 +18,14 @@ from upcycle.merging.source import PROJECTIONS, MoESource
 
 
 def upcycled_dense_source(config: dict) -> str | None:
-    """Return the dense checkpoint a MoE was upcycled from, following merge provenance back, or None."""
+    """Return the dense checkpoint a MoE was upcycled (or composed) from, following merge provenance
+    back, or None. A composed MoE's experts come from fine-tunes of its `base`, the task vectors' origin."""
     provenance = config.get("upcycle")
     while isinstance(provenance, dict):
         if provenance.get("operation", "upcycle") == "upcycle":
             return provenance.get("source")
+        if provenance.get("operation") == "compose":
+            return provenance.get("base")
         provenance = provenance.get("input_provenance")
     return None
 
