@@ -8,7 +8,6 @@ is still refused, in one line, with nothing written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,25 +19,13 @@ from fake_hub import FakeHub
 from test_hub import TOKEN, hub_env, upcycle
 from tiny_models import COMMON, logits
 from transformers import AutoConfig, AutoModelForCausalLM
+from tree_state import tree_state
 
 from upcycle.cli import main
 
 DENSE_ID = "org/sharded-llama"
 MOE_ID = "org/sharded-moe"
 SMALL_FILES = {"config.json", "generation_config.json", "model.safetensors.index.json"}
-
-
-def tree_state(folder: Path) -> dict[str, tuple]:
-    """Every entry under `folder`, hidden ones included: files by content, mode and mtime, folders by mode."""
-    state: dict[str, tuple] = {}
-    for path in sorted(folder.rglob("*")):
-        info = path.lstat()
-        key = str(path.relative_to(folder))
-        if path.is_dir() and not path.is_symlink():
-            state[key] = ("dir", info.st_mode)
-        else:
-            state[key] = ("file", hashlib.sha256(path.read_bytes()).hexdigest(), info.st_mode, info.st_mtime_ns)
-    return state
 
 
 def shard_names(directory: Path) -> set[str]:

@@ -13,7 +13,6 @@ model's vocabulary.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -25,23 +24,11 @@ from pathlib import Path
 
 import pytest
 from tiny_models import make_dense
+from tree_state import tree_state
 
 from upcycle.cli import main
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "tiny-llama"
-
-
-def tree_state(folder: Path) -> dict[str, tuple]:
-    """Every entry under `folder`, hidden ones included: files by content, mode and mtime, folders by mode."""
-    state: dict[str, tuple] = {}
-    for path in sorted(folder.rglob("*")):
-        info = path.lstat()
-        key = str(path.relative_to(folder))
-        if path.is_dir() and not path.is_symlink():
-            state[key] = ("dir", info.st_mode)
-        else:
-            state[key] = ("file", hashlib.sha256(path.read_bytes()).hexdigest(), info.st_mode, info.st_mtime_ns)
-    return state
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:

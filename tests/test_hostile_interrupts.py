@@ -8,7 +8,6 @@ Big outputs are deleted at the end of each test.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,23 +23,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from tiny_models import make_dense
+from tree_state import tree_state
 
 from upcycle.cli import main
 
 EXPERTS = "16"
-
-
-def tree_state(folder: Path) -> dict[str, tuple]:
-    """Every entry under `folder`, hidden ones included: files by content, mode and mtime, folders by mode."""
-    state: dict[str, tuple] = {}
-    for path in sorted(folder.rglob("*")):
-        info = path.lstat()
-        key = str(path.relative_to(folder))
-        if path.is_dir() and not path.is_symlink():
-            state[key] = ("dir", info.st_mode)
-        else:
-            state[key] = ("file", hashlib.sha256(path.read_bytes()).hexdigest(), info.st_mode, info.st_mtime_ns)
-    return state
 
 
 @pytest.fixture(scope="module")
