@@ -194,14 +194,7 @@ def test_qwen2_moe_without_shared_experts_has_a_loadable_shared_expert(outputs, 
     [
         "qwen2_moe-shared",
         "qwen2_moe-shared-fused",
-        pytest.param(
-            "qwen2_moe-llama-shared",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="llama->qwen2_moe writes qkv_bias=False without bias tensors; vLLM's Qwen2-MoE "
-                "ignores qkv_bias and leaves the missing biases uninitialised (garbage/NaN logits)",
-            ),
-        ),
+        "qwen2_moe-llama-shared",
     ],
 )
 def test_qwen2_moe_has_the_qkv_biases_vllm_always_builds(outputs, name):
@@ -218,3 +211,20 @@ def test_convert_names_what_serves_a_target_an_engine_cannot_run(dense_models, t
     assert "notice" not in capsys.readouterr().err
     convert(dense_models["mistral-sliding"], tmp_path / "sliding", experts=2, top_k=1)
     assert "llama.cpp runs Mixtral without a sliding window" in capsys.readouterr().err
+
+
+def test_llama_to_qwen2_moe_zero_qkv_biases_are_exact_and_fold_back_away(dense_models, tmp_path, input_ids):
+    from safetensors.torch import load_file
+    from tiny_models import logits
+
+    import upcycle
+
+    convert(dense_models["llama-gqa"], tmp_path / "moe", experts=2, top_k=1, target="qwen2_moe", quiet=True)
+    moe = load_file(tmp_path / "moe" / "model.safetensors")
+    assert not moe["model.layers.0.self_attn.q_proj.bias"].any()
+    assert json.loads((tmp_path / "moe" / "config.json").read_text())["qkv_bias"] is True
+    assert (logits(tmp_path / "moe", input_ids) - logits(dense_models["llama-gqa"], input_ids)).abs().max() <= 1e-5
+    upcycle.merge(tmp_path / "moe", tmp_path / "dense", quiet=True)
+    dense = load_file(tmp_path / "dense" / "model.safetensors")
+    assert not any(name.endswith("_proj.bias") for name in dense)
+    assert torch.equal(logits(tmp_path / "dense", input_ids), logits(dense_models["llama-gqa"], input_ids))

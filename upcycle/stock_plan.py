@@ -95,6 +95,12 @@ def plan_conversion(
         for name in copied.get(key, []):
             out_dtype = output_dtype(name)
             plan.append(PlannedTensor(TensorSpec(name, out_dtype, tensors.shape(name)), copy(name, out_dtype)))
+        for template in family.zero_biases if key >= 0 else ():
+            weight = template.format(layer=key)
+            bias = weight.removesuffix(".weight") + ".bias"
+            if weight in tensors and bias not in tensors:
+                spec = TensorSpec(bias, output_dtype(weight), (tensors.shape(weight)[0],))
+                plan.append(PlannedTensor(spec, lambda spec=spec: torch.zeros(spec.shape, dtype=spec.dtype)))
 
     def router_weights(layer: int, hidden: int, dense: LazyFFN) -> torch.Tensor:
         groups = builder.router_groups()

@@ -113,3 +113,6 @@ class FamilyPair:
     engine_notice: str = ""
     # When set, the notice applies only to sources whose config sets this field (e.g. sliding_window).
     engine_notice_field: str = ""
+    # Weights (templates with `{layer}`) whose bias the target's engines always build but the source
+    # lacks: a zero bias (one entry per output row) is written for each, which adds exactly nothing.
+    zero_biases: tuple[str, ...] = ()

@@ -14,11 +14,12 @@ FAMILY = replace(
     QWEN2_QWEN2MOE,
     name="llama->qwen2_moe",
     source_model_types=("llama",),
-    overrides={**QWEN2_QWEN2MOE.overrides, "qkv_bias": False},
+    # Qwen2-MoE engines (vLLM) always build q/k/v biases: write them as zeros (exact) and say so.
+    overrides={**QWEN2_QWEN2MOE.overrides, "qkv_bias": True},
+    zero_biases=tuple(f"model.layers.{{layer}}.self_attn.{p}_proj.weight" for p in ("q", "k", "v")),
     extra_copied_fields=frozenset({"head_dim"}),
-    engine_notice="vLLM's Qwen2-MoE always builds q/k/v biases, which a Llama source has none of (wrong logits "
-    "there), and llama.cpp's qwen2moe does not renormalise top-k; to serve with them use the default "
-    "--target mixtral",
+    engine_notice="llama.cpp's qwen2moe does not renormalise the top-k weights, so it matches transformers only "
+    "with --top-k equal to --experts; vLLM runs it exactly (the Llama's q/k/v get zero biases)",
     requirements=(
         Requirement("attention_bias", False, "Qwen2-MoE has bias on q/k/v only, never on o_proj"),
         Requirement("mlp_bias", False, "Qwen2-MoE experts have no bias"),

@@ -265,6 +265,11 @@ def _copied_tensors(plan: MergePlan) -> dict[int, list[str]]:
         layer: set(moe.expert_tensor_names(layer)) | set(moe.shared_tensor_names(layer)) for layer in moe.moe_layers
     }
     layer_of = re.compile(r"\.layers\.(\d+)\.")
+    zero_biases = {
+        template.format(layer=layer).removesuffix(".weight") + ".bias"
+        for template in moe.family.zero_biases
+        for layer in range(int(moe.config["num_hidden_layers"]))
+    }
     copied: dict[int, list[str]] = {}
     for name in tensors.keys():
         if any(name.endswith(suffix) for suffix in moe.family.ignored_source_tensors):
@@ -278,6 +283,13 @@ def _copied_tensors(plan: MergePlan) -> dict[int, list[str]]:
                 f"{moe.name} has {name} in a MoE block, which {moe.family.name} does not describe; "
                 "merging would drop it"
             )
+        if plan.experts_out is None and name in zero_biases:
+            if tensors.get(name).any():
+                raise UpcycleError(
+                    f"{moe.name} has a non-zero {name}, which a dense {moe.family.source_model_types[0]} cannot "
+                    "hold; merge into fewer experts (--experts K) instead"
+                )
+            continue  # written as zeros for the engines by the upcycling; the dense family has no such bias
         copied.setdefault(layer, []).append(name)
     if plan.experts_out is None:
         width = plan.dense_width()
