@@ -101,8 +101,9 @@ def _merge(**options) -> Callable[[Path, Path], None]:
 
 def _mope_export(work: Path, out: Path) -> None:
     sys.path.insert(0, str(REPO / "tests" / "peft_mope"))
-    import mope
     from mope_testlib import mope_model
+
+    import mope
 
     model = mope_model(routing="block", num_experts=4, top_k=2)
     mope.export(model, out, quiet=True)
@@ -130,7 +131,9 @@ CASES: dict[str, Callable[[Path, Path], None]] = {
     ),
     "convert-generic": _convert(_tiny, experts=4, top_k=2, target="generic"),
     "convert-qwen2": _convert(lambda work: _dense(work, "qwen2"), experts=2, top_k=1),
-    "convert-qwen3-fused": _convert(lambda work: _dense(work, "qwen3", head_dim=16), experts=2, top_k=1, layout="fused"),
+    "convert-qwen3-fused": _convert(
+        lambda work: _dense(work, "qwen3", head_dim=16), experts=2, top_k=1, layout="fused"
+    ),
     "convert-granite": _convert(lambda work: _dense(work, "granite"), experts=2, top_k=1),
     "convert-olmo2": _convert(lambda work: _dense(work, "olmo2"), experts=2, top_k=1),
     "merge-average": _merge(),

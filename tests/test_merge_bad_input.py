@@ -20,7 +20,11 @@ def sources(dense_models, tmp_path_factory):
 
 CASES = {
     "dense-model-given": ("dense", [], "is a dense model, not a MoE"),
-    "unknown-method": ("upcycled", ["--method", "fisher"], "argument --method: invalid choice: 'fisher' (choose from 'average', 'frequency'"),
+    "unknown-method": (
+        "upcycled",
+        ["--method", "fisher"],
+        "argument --method: invalid choice: 'fisher' (choose from 'average', 'frequency'",
+    ),
     "experts-not-fewer": ("upcycled", ["--experts", "3"], "--experts must be between 1 and 2"),
     "ties-without-base": ("foreign", ["--method", "ties"], "--method ties needs a base FFN"),
     "missing-calibration-file": (
@@ -30,7 +34,11 @@ CASES = {
     ),
     "frequency-without-data": ("upcycled", ["--method", "frequency"], "needs --calibration DATA"),
     "concat-with-experts": ("upcycled", ["--method", "concat", "--experts", "2"], "cannot keep --experts K"),
-    "bad-density": ("upcycled", ["--method", "dare", "--density", "0"], "--density must be above 0 and at most 1, got 0.0"),
+    "bad-density": (
+        "upcycled",
+        ["--method", "dare", "--density", "0"],
+        "--density must be above 0 and at most 1, got 0.0",
+    ),
     "base-of-another-width": (
         "foreign",
         ["--method", "ties", "--base", "{dense}"],

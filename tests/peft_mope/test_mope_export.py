@@ -100,7 +100,9 @@ def test_an_existing_output_is_kept_unless_forced(tmp_path):
     model = _adapted(make_dense(tmp_path / "base", "llama"))
     (tmp_path / "moe").mkdir()
     (tmp_path / "moe" / "keep.txt").write_text("mine")
-    with pytest.raises(mope.MoPEExportError, match=r"already exists; choose another output or pass force to replace it"):
+    with pytest.raises(
+        mope.MoPEExportError, match=r"already exists; choose another output or pass force to replace it"
+    ):
         mope.export(model, tmp_path / "moe")
     assert (tmp_path / "moe" / "keep.txt").read_text() == "mine"
     mope.export(model, tmp_path / "moe", force=True)
