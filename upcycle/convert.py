@@ -21,11 +21,11 @@ from upcycle.checkpoint import (
 )
 from upcycle.checkpoint.validate import check_architecture_matches_model_type, check_config_matches_tensors
 from upcycle.errors import UpcycleError, flag
-from upcycle.experts import make_expert_builder
-from upcycle.families import find_family
-from upcycle.families.configs import build_target_config, normalized_source_config
+from upcycle.experts import ExpertBuilder, make_expert_builder
+from upcycle.families import FamilyPair, find_family
+from upcycle.families.configs import build_target_config, leading_dense_count, normalized_source_config
 from upcycle.generic.convert import convert_generic, generic_requested
-from upcycle.options import check_count, check_real, parse_moe_layers
+from upcycle.options import check_count, check_expert_groups, check_real, given_options, parse_moe_layers
 from upcycle.rng import SEED_SCHEME
 from upcycle.router_init import calibrated_router_rows, check_router_init
 from upcycle.stock_plan import plan_conversion
@@ -50,6 +50,28 @@ def _estimated_output_bytes(checkpoint, family, builder, layers: list[int], out_
     size = (out_dtype or tensors.dtype(gate)).itemsize
     routed = builder.routed_experts() * builder.expert_size(intermediate)
     return total + len(layers) * 3 * hidden * size * max(routed - intermediate, 0)
+
+
+def _grouped_router(
+    family: FamilyPair, builder: ExpertBuilder, top_k: int, expert_groups: int | None, top_groups: int | None
+) -> tuple[dict, dict]:
+    """Return (the target config's grouped-router fields, the settings to record) for a family with
+    a grouped sigmoid router; ({}, {}) for others.
+
+    Raises:
+        UpcycleError: groups that do not split the experts into groups of whole FFN copies of at
+            least 2 experts, or too few chosen groups for top-k (`upcycle.options.check_expert_groups`).
+    """
+    fields = family.grouped_router
+    if fields is None:
+        return {}, {}
+    groups = expert_groups or 1
+    chosen = top_groups or groups
+    experts, routed_top_k = builder.routed_experts(), builder.routed_top_k(top_k)
+    check_expert_groups(groups, chosen, experts, routed_top_k, builder.router_groups(), builder.num_experts)
+    scaling = builder.routed_scaling
+    config = {fields.groups: groups, fields.top_groups: chosen, fields.routed_scaling: scaling}
+    return config, {"expert_groups": groups, "top_groups": chosen, "routed_scaling": scaling}
 
 
 def convert(
@@ -85,6 +107,9 @@ def convert(
     router: str = "topk",
     router_options: dict | None = None,
     ffn_pattern: str | None = None,
+    expert_groups: int | None = None,
+    top_groups: int | None = None,
+    routed_scaling: float | None = None,
 ) -> ConvertSummary:
     """Upcycle the dense checkpoint `source` (local dir or Hub id) into a stock MoE checkpoint at `output`.
 
@@ -96,13 +121,16 @@ def convert(
     `noise`), "drop" (`drop_ratio`), "granular" (`granularity`, `granular_scaling`; `experts` and
     `top_k` count FFN copies, the output has experts * G experts and top-k * G) or "partition"
     (`partition_method`; `experts` disjoint neuron groups). `shared_experts` moves part of the FFN
-    into an always-on shared expert (targets with one: qwen2_moe). `router_init` (default "random",
+    into an always-on shared expert (targets with one: qwen2_moe, glm4_moe). `router_init` (default "random",
     "centroids" for partition) is "random" (N(0, router_std^2), router_std defaulting to the
     source's initializer_range), "kmeans" (centroids of the FFN inputs the dense model produces on
     `calibration`: a local text/jsonl/parquet file or a Hub dataset id; `calibration_samples`
     texts, at most `calibration_tokens` sampled tokens per layer) or "centroids" (partition only).
-    `moe_layers` ("all", "every:N" = layers N-1, 2N-1, ..., or "0,4,8" / "0-3") picks the layers
-    that become MoE, for targets that can keep others dense.
+    `moe_layers` ("all", "every:N" = layers N-1, 2N-1, ..., or "0,4,8" / "0-3" / "2-") picks the
+    layers that become MoE, for targets that can keep others dense (glm4_moe: only leading ones).
+    `expert_groups` (default 1), `top_groups` (default: all groups) and `routed_scaling` (default
+    1) set a grouped sigmoid router's fields (glm4_moe); with "granular" each group holds whole
+    FFN copies, so top-k still picks whole copies.
 
     With "copy" and no noise the output reproduces the source's logits until it is trained; see
     README for what each other method computes at init. The output is written to a temporary
@@ -131,6 +159,11 @@ def convert(
         check_real("drop_ratio", drop_ratio, minimum=0.0, maximum=1.0, exclusive_minimum=True)
     if granularity is not None:
         check_count("granularity", granularity)
+    for name, count in (("expert_groups", expert_groups), ("top_groups", top_groups)):
+        if count is not None:
+            check_count(name, count)
+    if routed_scaling is not None:
+        check_real("routed_scaling", routed_scaling, minimum=0.0, exclusive_minimum=True)
     out_dtype = parse_dtype(dtype)
     parse_shard_size(max_shard_size)
     check_output_dir(output, force)
@@ -145,6 +178,9 @@ def convert(
         "router_init": router_init is not None,
         "router_std": router_std is not None,
         "moe_layers": moe_layers != "all",
+        "expert_groups": expert_groups is not None,
+        "top_groups": top_groups is not None,
+        "routed_scaling": routed_scaling is not None,
     }
     generic_options = {"router": router, "router_options": router_options, "ffn_pattern": ffn_pattern}
     if generic_requested(target, checkpoint.config, **generic_options, stock_options=stock_only, quiet=quiet):
@@ -181,10 +217,19 @@ def convert(
             f"{family.target_model_type} cannot keep layers dense (every layer is MoE); use {flag('moe_layers')} all, "
             f"or a target that can (qwen2_moe, qwen3_moe)"
         )
+    dense_layers = [layer for layer in range(num_layers) if layer not in selected_layers]
+    if family.dense_layers_leading:
+        leading_dense_count(family, dense_layers)
     if shared_experts and family.shared_expert is None:
         raise UpcycleError(
             f"{family.target_model_type} has no shared expert; "
             f"drop {flag('shared_experts')} or use {flag('target')} qwen2_moe"
+        )
+    grouping = given_options({name: stock_only[name] for name in ("expert_groups", "top_groups", "routed_scaling")})
+    if grouping and family.grouped_router is None:
+        raise UpcycleError(
+            f"{family.target_model_type} has no grouped sigmoid router; drop {', '.join(grouping)} "
+            f"or use {flag('target')} glm4_moe"
         )
     builder = make_expert_builder(
         method,
@@ -196,7 +241,9 @@ def convert(
         granularity=granularity,
         granular_scaling=granular_scaling,
         partition_method=partition_method,
+        routed_scaling=1.0 if routed_scaling is None else routed_scaling,
     )
+    router_fields, router_settings = _grouped_router(family, builder, top_k, expert_groups, top_groups)
     router_init = check_router_init(router_init, builder, calibration)
     # Before planning (a plan of 100000 experts takes long to build): refuse what the disk cannot hold.
     check_free_space(output, _estimated_output_bytes(checkpoint, family, builder, selected_layers, out_dtype))
@@ -243,6 +290,7 @@ def convert(
         "router_init": router_init,
         "router_std": std,
         **builder.settings(),
+        **router_settings,
         "exact_at_init": builder.exact_at_init(),
     }
     if method in ("granular", "partition"):
@@ -269,6 +317,8 @@ def convert(
         shared_expert_size=builder.shared_size(dense_size)
         or (family.shared_expert.placeholder_width if family.shared_expert else 0),
         dense_layers=[layer for layer in range(num_layers) if layer not in moe_layer_list],
+        shared_experts=shared_experts,
+        router_fields=router_fields,
     )
     if out_dtype is not None:
         config["dtype"] = dtype_name(out_dtype)

@@ -11,8 +11,11 @@ neurons (w = one routed expert's width; an FFN's neuron order carries no meaning
 always-on shared expert, and the routed experts are built from the remaining neurons. A gated
 FFN is a sum over its neurons, so FFN(x) = shared(x) + FFN_rest(x) exactly.
 
-Scalings below assume what every supported target does: softmax routing with the top-k weights
-renormalised to sum to one (Mixtral, GraniteMoE, and Qwen/FlexOlmo with `norm_topk_prob=True`).
+Scalings below assume what every supported target does: top-k weights renormalised to sum to
+one (softmax routing in Mixtral, GraniteMoE, and Qwen/FlexOlmo with `norm_topk_prob=True`;
+sigmoid routing in GLM-4-MoE). A target that then multiplies the routed output by a routed
+scaling factor s (GLM-4-MoE's `routed_scaling_factor`) gets every routed expert's down_proj
+divided by s (`routed_scaling`), on top of the method's own scaling, so s cancels exactly.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 
 from upcycle.errors import UpcycleError, flag
 from upcycle.kmeans import balanced_kmeans
-from upcycle.options import given_options
+from upcycle.options import check_real, given_options
 from upcycle.rng import derived_generator
 
 # Which dense projection an expert projection comes from, and the axis that indexes neurons.
@@ -109,6 +112,8 @@ class ExpertBuilder:
     num_experts: int  # as requested: copies of the FFN (copy/drop/granular) or partitions
     shared_experts: int = 0
     seed: int = 0
+    # The target multiplies the routed output by this; every routed down_proj is divided by it.
+    routed_scaling: float = 1.0
     method: str = field(default="", init=False)
 
     def units(self) -> int:
@@ -170,6 +175,13 @@ class ExpertBuilder:
         """Return the `name` weight of routed expert `expert`, built from `dense` (the routed neurons)."""
         raise NotImplementedError
 
+    def unscaled(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """Return `weight` (of projection `name`) with the routed scaling cancelled: a down_proj
+        divided by `routed_scaling` (in float32, back to its dtype); anything else as it is."""
+        if name != "down" or self.routed_scaling == 1.0:
+            return weight
+        return (weight.float() / self.routed_scaling).to(weight.dtype)
+
     def exact_at_init(self) -> bool:
         """Return whether the MoE computes the dense model's function before training (any router)."""
         return False
@@ -200,7 +212,7 @@ class CopyExperts(ExpertBuilder):
             weight += torch.randn(weight.shape, generator=generator).to(weight.dtype) * (
                 self.noise * weight.float().std()
             ).to(weight.dtype)
-        return weight
+        return self.unscaled(weight, name)
 
     def exact_at_init(self) -> bool:
         return self.noise == 0
@@ -239,13 +251,13 @@ class DropExperts(ExpertBuilder):
         width = weight.shape[NEURON_AXIS[name]]
         dropped = dropped_neurons(self.seed, layer, expert, width, self.drop_ratio)
         if len(dropped) == 0:
-            return weight
+            return self.unscaled(weight, name)
         replaced = neuron_slice(weight, name, dropped).float()
         mean, std = replaced.mean(), (replaced.std() if replaced.numel() > 1 else torch.tensor(0.0))
         generator = derived_generator(self.seed, "drop-values", layer, expert, name)
         fresh = (torch.randn(replaced.shape, generator=generator) * std + mean).to(weight.dtype)
         weight.index_copy_(NEURON_AXIS[name], dropped, fresh)
-        return weight
+        return self.unscaled(weight, name)
 
     def exact_at_init(self) -> bool:
         return self.drop_ratio == 0
@@ -321,7 +333,7 @@ class GranularExperts(ExpertBuilder):
         shard_size = weight.shape[NEURON_AXIS[name]] // self.routed_shards()
         shard = expert % self.routed_shards()
         piece = neuron_slice(weight, name, slice(shard * shard_size, (shard + 1) * shard_size))
-        multiplier = self.weight_scales()[name]
+        multiplier = self.weight_scales()[name] / (self.routed_scaling if name == "down" else 1.0)
         return piece if multiplier == 1.0 else (piece.float() * multiplier).to(weight.dtype)
 
     def exact_at_init(self) -> bool:
@@ -384,7 +396,7 @@ class PartitionExperts(ExpertBuilder):
         neurons = self.neuron_groups(layer, dense)[expert]
         piece = neuron_slice(dense(name), name, neurons)
         if name == "down":
-            piece = (piece.float() * self.num_experts).to(piece.dtype)
+            piece = (piece.float() * (self.num_experts / self.routed_scaling)).to(piece.dtype)
         return piece
 
     def centroid_rows(self, layer: int, dense: LazyFFN) -> torch.Tensor:
@@ -409,8 +421,12 @@ def make_expert_builder(
     granularity: int | None = None,
     granular_scaling: str = "paper",
     partition_method: str | None = None,
+    routed_scaling: float = 1.0,
 ) -> ExpertBuilder:
     """Return the builder for `method` with its options; options of other methods must be unset.
+
+    `routed_scaling` is the target's factor on the routed output (1: none), which every routed
+    expert's down_proj is divided by.
 
     Raises:
         UpcycleError: unknown method, an option given to a method that does not use it, or an
@@ -430,7 +446,9 @@ def make_expert_builder(
         raise UpcycleError(f"{option} does not apply to {flag('method')} {method}; remove it or change the method")
     if noise < 0:
         raise UpcycleError(f"{flag('noise')} must be 0 or more, got {noise}")
+    check_real("routed_scaling", routed_scaling, minimum=0.0, exclusive_minimum=True)
     common = {"num_experts": num_experts, "shared_experts": shared_experts, "seed": seed}
+    common["routed_scaling"] = routed_scaling
     if method == "copy":
         return CopyExperts(**common, noise=noise)
     if method == "drop":

@@ -56,7 +56,8 @@ def check_real(
 
 def parse_moe_layers(spec: str | list[int], num_layers: int) -> list[int]:
     """Return the sorted MoE layer indices that `spec` names: "all", "every:N" (layers N-1, 2N-1,
-    ..., as transformers' decoder_sparse_step), "0,4,8", "0-3", or a list of ints.
+    ..., as transformers' decoder_sparse_step), "0,4,8", "0-3", "2-" (layer 2 to the last), or a
+    list of ints.
 
     Raises:
         UpcycleError: the spec cannot be read, names a layer out of range, or selects none.
@@ -73,12 +74,13 @@ def parse_moe_layers(spec: str | list[int], num_layers: int) -> list[int]:
     else:
         layers = set()
         for part in spec.split(","):
-            match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+            match = re.fullmatch(r"\s*(\d+)\s*(?:(-)\s*(\d*)\s*)?", part)
             if not match:
                 raise UpcycleError(
-                    f"cannot read {flag('moe_layers')} {spec!r}: use all, every:N, or indices like 0,4,8 or 0-3"
+                    f"cannot read {flag('moe_layers')} {spec!r}: use all, every:N, or indices like 0,4,8, 0-3 or 2-"
                 )
-            first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+            first = int(match.group(1))
+            last = int(match.group(3)) if match.group(3) else (num_layers - 1 if match.group(2) else first)
             layers.update(range(first, last + 1))
     outside = sorted(layer for layer in layers if not 0 <= layer < num_layers)
     if outside:
@@ -92,3 +94,36 @@ def given_options(options: dict[str, bool]) -> list[str]:
     """Return the options (Python names -> whether the caller set them) that were set, spelled as the
     caller knows them (`upcycle.errors.flag`)."""
     return [flag(name) for name, is_given in options.items() if is_given]
+
+
+def check_expert_groups(groups: int, top_groups: int, experts: int, top_k: int, group_size: int, copies: int) -> None:
+    """Check group-limited routing (DeepSeek-V3's n_group/topk_group) over `experts` routed experts
+    of which a token uses `top_k`; `group_size` consecutive experts are one FFN copy's shards
+    (granular's virtual groups; 1 otherwise) and `copies` is the requested expert count.
+
+    Each router group must hold whole virtual groups, so that top-k keeps picking whole copies,
+    at least 2 experts (a group scores the sum of its two best), and the `top_groups` chosen
+    groups must hold at least `top_k` experts.
+
+    Raises:
+        UpcycleError: a count out of range, or groups that do not split the experts as above.
+    """
+    check_count("expert_groups", groups)
+    check_count("top_groups", top_groups, 1, groups)
+    if copies % groups:
+        raise UpcycleError(
+            f"{flag('experts')} {copies} do not split into {flag('expert_groups')} {groups} equal groups"
+            + (" of whole FFN copies" if group_size > 1 else "")
+            + f"; choose a number of groups that divides {copies}"
+        )
+    per_group = experts // groups
+    if per_group < 2:
+        raise UpcycleError(
+            f"{flag('expert_groups')} {groups} leaves {per_group} expert per group; the router scores a group by its "
+            f"two best experts, so use at most {experts // 2} groups"
+        )
+    if top_k > top_groups * per_group:
+        raise UpcycleError(
+            f"{flag('top_groups')} {top_groups} of {per_group} experts each cannot hold the {top_k} experts a token "
+            f"uses; raise {flag('top_groups')} or lower {flag('top_k')}"
+        )

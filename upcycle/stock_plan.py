@@ -55,7 +55,9 @@ def plan_conversion(
     dense MLP. `router_init` is "random" (N(0, router_std^2)), "kmeans" (rows from `router_rows`,
     one (rows, hidden) tensor per MoE layer, computed from calibration data) or "centroids" (the
     partition builder's neuron-cluster centroids). Granular builders repeat each row over a
-    virtual group. Each tensor is computed when written, from lazily read inputs.
+    virtual group. A grouped router (GLM-4-MoE) also gets its selection bias, float32 zeros (as
+    the target keeps it), after its weight. Each tensor is computed when written, from lazily
+    read inputs.
 
     Raises:
         UpcycleError: the checkpoint's MLP tensors are missing or shaped unexpectedly, or a
@@ -153,6 +155,9 @@ def plan_conversion(
                 ),
             )
         )
+        if family.grouped_router is not None:
+            spec = TensorSpec(family.grouped_router.bias.format(layer=layer), torch.float32, (num_experts,))
+            plan.append(PlannedTensor(spec, lambda spec=spec: torch.zeros(spec.shape, dtype=spec.dtype)))
         plan.extend(_expert_tensors(builder, expert_layout, layer, hidden, expert_size, weight_dtype, dense))
         if family.shared_expert is not None:
             plan.extend(_shared_expert(family, builder, layer, hidden, weight_dtype, dense))
@@ -209,7 +214,8 @@ def _shared_expert(
     family: FamilyPair, builder: ExpertBuilder, layer: int, hidden: int, weight_dtype: torch.dtype, dense: LazyFFN
 ) -> list[PlannedTensor]:
     """The shared expert (the builder's shared neurons, down_proj times the family's `down_scale`) and its
-    sigmoid gate; width 0 (it adds exactly zero) without shared experts, for targets that always have one.
+    sigmoid gate where the family has one; width 0 (it adds exactly zero) without shared experts, for
+    targets that always have one.
 
     The gate must give sigmoid(gate . x) == 0.5 for every x. All zeros does in transformers and vLLM,
     but llama.cpp's qwen2moe graph computes that sigmoid as silu(z) / z, which is 0/0 = NaN at z = 0
@@ -229,8 +235,10 @@ def _shared_expert(
     def projection(name: str) -> torch.Tensor:
         if placeholder:
             return torch.zeros((hidden, width) if name == "down" else (width, hidden), dtype=weight_dtype)
-        weight = builder.shared_projection(name, dense).float()
-        return (weight * shared.down_scale if name == "down" else weight).to(weight_dtype)
+        weight = builder.shared_projection(name, dense)
+        if name == "down" and shared.down_scale != 1.0:
+            return (weight.float() * shared.down_scale).to(weight_dtype)
+        return weight.to(weight_dtype)
 
     planned = [
         PlannedTensor(
@@ -243,10 +251,11 @@ def _shared_expert(
             ("down", shared.down, (hidden, width)),
         )
     ]
-    planned.append(
-        PlannedTensor(
-            TensorSpec(shared.expert_gate.format(layer=layer), weight_dtype, (1, hidden)),
-            lambda: torch.full((1, hidden), gate_value, dtype=weight_dtype),
+    if shared.expert_gate:
+        planned.append(
+            PlannedTensor(
+                TensorSpec(shared.expert_gate.format(layer=layer), weight_dtype, (1, hidden)),
+                lambda: torch.full((1, hidden), gate_value, dtype=weight_dtype),
+            )
         )
-    )
     return planned

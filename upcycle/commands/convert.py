@@ -71,7 +71,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--partition-method", choices=["random", "kmeans"], default=None, help="partition: neuron grouping"
     )
     methods.add_argument(
-        "--shared-experts", type=int, default=0, help="always-on shared experts carved from the FFN (qwen2_moe)"
+        "--shared-experts",
+        type=int,
+        default=0,
+        help="always-on shared experts carved from the FFN (qwen2_moe, glm4_moe)",
     )
     methods.add_argument(
         "--router-init",
@@ -84,7 +87,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     methods.add_argument("--calibration-samples", type=int, default=128, help="kmeans: texts to run (default 128)")
     methods.add_argument(
-        "--moe-layers", default="all", help="all (default), every:N, or indices like 0,4,8 / 0-3 (qwen targets)"
+        "--moe-layers",
+        default="all",
+        help="all (default), every:N, or indices like 0,4,8 / 0-3 / 2- (qwen targets; glm4_moe: N- only)",
+    )
+    grouped = parser.add_argument_group("grouped sigmoid router, DeepSeek-V3 style (glm4_moe; README: Supported pairs)")
+    grouped.add_argument(
+        "--expert-groups",
+        type=int,
+        default=None,
+        help="groups of routed experts (n_group, default 1); granular: each group holds whole FFN copies",
+    )
+    grouped.add_argument(
+        "--top-groups", type=int, default=None, help="groups a token's experts come from (topk_group, default all)"
+    )
+    grouped.add_argument(
+        "--routed-scaling",
+        type=float,
+        default=None,
+        help="routed_scaling_factor (default 1); routed experts' down_proj is divided by it, so it stays exact",
     )
     parser.add_argument(
         "--from-mope",
@@ -155,6 +176,9 @@ def run(args: argparse.Namespace) -> int:
         router=args.router,
         router_options=parse_router_options(args.router_option),
         ffn_pattern=args.ffn_pattern,
+        expert_groups=args.expert_groups,
+        top_groups=args.top_groups,
+        routed_scaling=args.routed_scaling,
     )
     if not args.quiet:
         print(
@@ -188,6 +212,9 @@ def _run_from_mope(args: argparse.Namespace) -> int:
             "router": args.router != "topk",
             "router_option": bool(args.router_option),
             "ffn_pattern": args.ffn_pattern is not None,
+            "expert_groups": args.expert_groups is not None,
+            "top_groups": args.top_groups is not None,
+            "routed_scaling": args.routed_scaling is not None,
         }
     )
     if given:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from upcycle.errors import UpcycleError
 from upcycle.families import (
+    glm4moe,
     granite_granitemoe,
     llama_mixtral,
     llama_qwen2moe,
@@ -23,6 +24,8 @@ FAMILIES: tuple[FamilyPair, ...] = (
     olmo2_flexolmo.FAMILY,
     # After the natural pairs: `--target auto` keeps Llama -> Mixtral; `--target qwen2_moe` picks it.
     llama_qwen2moe.FAMILY,
+    # DeepSeek-V3-style routing on GQA attention, only with `--target glm4_moe`.
+    *glm4moe.FAMILIES,
 )
 TARGETS = tuple(sorted({family.target_model_type for family in FAMILIES}))
 

@@ -46,13 +46,14 @@ class SharedExpertNames:
     `down_scale` multiplies the shared expert's down_proj: the gate is written as `gate_value`
     (2^-64 in every entry: sigmoid of it is 0.5 exactly in float32/bfloat16, and it is not zero,
     which llama.cpp's sigmoid = silu(z)/z turns into NaN), so the target scales the shared output
-    by 0.5, and doubling down_proj cancels it.
+    by 0.5, and doubling down_proj cancels it. Targets whose shared experts are not gated
+    (DeepSeek-V3 style) leave `expert_gate` empty and `down_scale` 1.
     """
 
     gate: str
     up: str
     down: str
-    expert_gate: str
+    expert_gate: str = ""
     down_scale: float = 2.0
     # Width written, all zeros, when no shared expert is requested (0: width 0). llama.cpp's qwen2moe
     # always runs a shared expert and refuses width 0; vLLM then expects no shared tensors at all.
@@ -64,6 +65,23 @@ class SharedExpertNames:
         the smallest subnormal-free step where the dtype cannot hold it (float16: 2^-24)."""
         info = torch.finfo(dtype)
         return 2.0**-64 if info.tiny <= 2.0**-64 else info.tiny * info.eps
+
+
+@dataclass(frozen=True)
+class GroupedRouterFields:
+    """A DeepSeek-V3-style router: sigmoid scores, a per-expert selection bias, group-limited top-k
+    and a routed scaling factor. Config field names, and the bias tensor's template with `{layer}`.
+
+    The target picks experts by sigmoid(logit) + bias among the `top_groups` best of `groups`
+    equal groups of consecutive experts (a group scores the sum of its two best experts), weighs
+    them by their sigmoid scores renormalised to sum to 1, and multiplies the routed output by
+    the routed scaling factor.
+    """
+
+    groups: str
+    top_groups: str
+    routed_scaling: str
+    bias: str
 
 
 @dataclass(frozen=True)
@@ -99,9 +117,22 @@ class FamilyPair:
     dense_mlp: DenseMLPNames = DenseMLPNames()
     shared_expert: SharedExpertNames | None = None
     shared_expert_size_field: str = ""
+    # Config field holding the number of shared experts, each one routed expert wide (DeepSeek-V3's
+    # `n_shared_experts`), for targets that count shared experts instead of giving their width.
+    shared_experts_field: str = ""
     # Config field listing layers that keep a dense MLP (e.g. Qwen's `mlp_only_layers`); empty:
     # the target makes every layer MoE, so `--moe-layers` must select all of them.
     dense_layers_field: str = ""
+    # True: `dense_layers_field` counts leading dense layers (`first_k_dense_replace`), so only the
+    # first layers can stay dense.
+    dense_layers_leading: bool = False
+    grouped_router: GroupedRouterFields | None = None
+    # Entries of `rope_parameters` the target defaults differently from the source (GLM-4-MoE's
+    # partial_rotary_factor 0.5); the source's own value wins where it has one.
+    rope_defaults: dict[str, Any] = field(default_factory=dict)
+    # `rope_parameters` entries also written at the top level of config.json, for engines that read
+    # them there (llama.cpp's GLM-4-MoE converter reads `partial_rotary_factor`, default 0.5).
+    top_level_rope_fields: tuple[str, ...] = ()
     overrides: dict[str, Any] = field(default_factory=dict)
     dropped_fields: frozenset[str] = frozenset()
     extra_copied_fields: frozenset[str] = frozenset()

@@ -3,7 +3,9 @@ config built from it (every attention/norm/rope field carried over, the family's
 
 from __future__ import annotations
 
-from upcycle.errors import UpcycleError
+from typing import Any
+
+from upcycle.errors import UpcycleError, flag
 from upcycle.families.base import NEVER_COPIED, FamilyPair
 
 
@@ -32,13 +34,19 @@ def build_target_config(
     provenance: dict,
     shared_expert_size: int = 0,
     dense_layers: list[int] | None = None,
+    shared_experts: int = 0,
+    router_fields: dict[str, Any] | None = None,
 ) -> dict:
     """Return the target config.json content: the target class's full dict, source fields carried over.
 
-    `dense_layers` (layers that keep their dense FFN) go to the family's `dense_layers_field`.
+    `dense_layers` (layers that keep their dense FFN) go to the family's `dense_layers_field` (as
+    a count where the family keeps only leading layers dense: see `leading_dense_count`);
+    `shared_experts` to its `shared_experts_field`; `router_fields` (the target's own field names,
+    e.g. GLM-4-MoE's n_group) are set as given.
 
     Raises:
-        UpcycleError: transformers rejects the resulting config.
+        UpcycleError: transformers rejects the resulting config, or the dense layers are not the
+            leading ones where the family can only keep those.
     """
     from transformers import AutoConfig
 
@@ -56,16 +64,42 @@ def build_target_config(
     fields[family.expert_size_field] = expert_size
     if family.shared_expert_size_field:
         fields[family.shared_expert_size_field] = shared_expert_size
-    if family.dense_layers_field:
+    if family.shared_experts_field:
+        fields[family.shared_experts_field] = shared_experts
+    if family.dense_layers_leading:
+        fields[family.dense_layers_field] = leading_dense_count(family, dense_layers or [])
+    elif family.dense_layers_field:
         fields[family.dense_layers_field] = sorted(dense_layers or [])
+    if family.rope_defaults:
+        rope = dict(fields.get("rope_parameters") or {})
+        fields["rope_parameters"] = {**family.rope_defaults, **rope}
+    fields.update(router_fields or {})
     try:
         target = AutoConfig.for_model(family.target_model_type, **fields)
     except (ValueError, TypeError) as err:
         raise UpcycleError(f"cannot build a {family.target_model_type} config: {err}") from None
     config = target.to_dict()
+    for name in family.top_level_rope_fields:
+        config[name] = config["rope_parameters"][name]
     config["architectures"] = [family.target_architecture]
     config["upcycle"] = provenance
     return config
+
+
+def leading_dense_count(family: FamilyPair, dense_layers: list[int]) -> int:
+    """Return how many leading layers stay dense, for a family whose config can only keep the first
+    layers dense (`dense_layers_leading`, e.g. GLM-4-MoE's first_k_dense_replace).
+
+    Raises:
+        UpcycleError: `dense_layers` are not layers 0..n-1 (a MoE layer comes before a dense one).
+    """
+    count = len(dense_layers)
+    if sorted(dense_layers) != list(range(count)):
+        raise UpcycleError(
+            f"{family.target_model_type} keeps only its first layers dense ({family.dense_layers_field}), but the "
+            f"dense layers would be {sorted(dense_layers)}; use {flag('moe_layers')} N- (every layer from N on)"
+        )
+    return count
 
 
 def build_dense_config(
@@ -84,7 +118,13 @@ def build_dense_config(
 
     dense_type = family.source_model_types[0]
     dense_defaults = AutoConfig.for_model(dense_type).to_dict()
-    moe_only = {family.experts_field, family.top_k_field, family.expert_size_field, family.shared_expert_size_field}
+    moe_only = {
+        family.experts_field,
+        family.top_k_field,
+        family.expert_size_field,
+        family.shared_expert_size_field,
+        family.shared_experts_field,
+    }
     fields = {
         key: value
         for key, value in moe_config.items()
