@@ -190,6 +190,14 @@ def convert_facts(
     construction = METHOD_DESCRIPTIONS.get(method, f"the {method!r} expert construction")
     router_init = str(summary.settings.get("router_init", "random"))
     exact = bool(summary.settings.get("exact_at_init", method == "copy"))
+    router = f"{router_init}-initialised top-{summary.top_k} router"
+    if "expert_groups" in summary.settings:
+        settings = summary.settings
+        router = (
+            f"{router_init}-initialised sigmoid top-{summary.top_k} router over the best {settings['top_groups']} "
+            f"of {settings['expert_groups']} expert groups, with routed scaling {settings['routed_scaling']:g} "
+            "(cancelled in the routed experts' down_proj) and a zero selection bias (e_score_correction_bias)"
+        )
     return CardFacts(
         title=Path(str(summary.output)).name,
         operation="upcycle",
@@ -197,7 +205,7 @@ def convert_facts(
         summary=(
             f"A sparse Mixture-of-Experts ({summary.target_model_type}) upcycled from the dense {source_link} "
             f"({summary.source_model_type}) by {construction} ({summary.num_experts} experts) and adding a "
-            f"{router_init}-initialised top-{summary.top_k} router ({summary.family}, {summary.layout} layout)."
+            f"{router} ({summary.family}, {summary.layout} layout)."
         ),
         base_models=[source],
         base_model_relation="finetune",

@@ -22,7 +22,13 @@ from safetensors import safe_open
 from upcycle.checkpoint import CONFIG_FILE, open_checkpoint, resolve_source
 from upcycle.errors import MOPE_IMPORT_HINT, UpcycleError
 from upcycle.families import FAMILIES
-from upcycle.families.moe_fields import EXPERTS_FIELDS, TOP_K_FIELDS, first_positive_field, router_kind
+from upcycle.families.moe_fields import (
+    EXPERTS_FIELDS,
+    SHARED_EXPERTS_FIELDS,
+    TOP_K_FIELDS,
+    first_positive_field,
+    router_kind,
+)
 
 SCHEMA_VERSION = 1
 ADAPTER_CONFIG = "adapter_config.json"
@@ -102,6 +108,8 @@ def inspect_model(directory: Path, name: str) -> dict[str, Any]:
             active -= routed[layer] // count * max(count - top_k, 0)
     widths = set(shared_size.values())
     shared_width = max(widths) if widths else 0
+    # One shared MLP, unless the config counts the shared experts it is made of (DeepSeek-V3 style).
+    shared_count = (first_positive_field(config, SHARED_EXPERTS_FIELDS) or 1) if shared_width > 0 else 0
     provenance = config.get("upcycle")
     dtypes = sorted({str(tensors.dtype(tensor)).replace("torch.", "") for tensor in shapes})
     return {
@@ -119,7 +127,7 @@ def inspect_model(directory: Path, name: str) -> dict[str, Any]:
         "num_experts": num_experts,
         "top_k": top_k,
         "expert_size": expert_size,
-        "shared_experts": 1 if shared_width > 0 else 0,
+        "shared_experts": shared_count,
         "shared_expert_size": shared_width,
         "router": router_kind(config) if moe_layers else None,
         "total_parameters": total,
@@ -238,6 +246,14 @@ def inspect_source(source: str | Path, revision: str | None = None) -> dict[str,
     return inspect_model(directory, name)
 
 
+def _router_line(router: dict[str, Any]) -> str:
+    """Return the report's router line: the kind, renormalisation, and a grouped router's fields."""
+    line = router["kind"] + (", renormalised" if router["renormalize"] else "")
+    if "groups" in router:
+        line += f", top-{router['top_groups']} of {router['groups']} groups, routed scaling {router['routed_scaling']}"
+    return line
+
+
 def format_report(info: dict[str, Any]) -> str:
     """Return the human-readable, multi-line report of an inspection dict."""
     from upcycle.card import human_count
@@ -276,7 +292,7 @@ def format_report(info: dict[str, Any]) -> str:
             ("dense layers", ", ".join(map(str, info["dense_layers"])) or "-"),
             ("experts", f"{info['num_experts']} (top-{info['top_k']}), expert size {info['expert_size']}"),
             ("shared experts", f"{info['shared_experts']} (size {info['shared_expert_size']})"),
-            ("router", f"{router['kind']}" + (", renormalised" if router["renormalize"] else "")),
+            ("router", _router_line(router)),
         ]
     rows.append(("parameters", params(info["total_parameters"], info["active_parameters"])))
     rows.append(("dtypes", ", ".join(info["dtypes"])))

@@ -12,10 +12,14 @@ from typing import Any
 # in the order they are tried.
 EXPERTS_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 TOP_K_FIELDS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts")
+# Config fields that count shared experts (each one routed expert wide), where a class counts them.
+SHARED_EXPERTS_FIELDS = ("n_shared_experts",)
 
 # How each stock MoE class turns router logits into expert weights ("softmax_topk": softmax over
 # all experts, keep the k largest; "topk_softmax": keep the k largest logits, softmax over them,
-# which equals softmax_topk renormalised). The renormalise flag: True, False, or a config field.
+# which equals softmax_topk renormalised; "sigmoid_grouped_topk": DeepSeek-V3's sigmoid scores plus a
+# selection bias, top-k among the best groups, times a routed scaling factor). The renormalise
+# flag: True, False, or a config field.
 ROUTER_KINDS: dict[str, tuple[str, bool | str]] = {
     "mixtral": ("softmax_topk", True),
     "qwen2_moe": ("softmax_topk", "norm_topk_prob"),
@@ -25,7 +29,11 @@ ROUTER_KINDS: dict[str, tuple[str, bool | str]] = {
     "granitemoe": ("topk_softmax", True),
     "phimoe": ("sparsemixer", False),
     "deepseek_v3": ("sigmoid_grouped_topk", "norm_topk_prob"),
+    "glm4_moe": ("sigmoid_grouped_topk", "norm_topk_prob"),
+    "dots1": ("sigmoid_grouped_topk", "norm_topk_prob"),
 }
+# The grouped router's config fields, reported by `router_kind` under these keys.
+GROUPED_ROUTER_FIELDS = {"groups": "n_group", "top_groups": "topk_group", "routed_scaling": "routed_scaling_factor"}
 
 
 def first_positive_field(config: Mapping[str, Any] | object, fields: tuple[str, ...]) -> int | None:
@@ -39,8 +47,12 @@ def first_positive_field(config: Mapping[str, Any] | object, fields: tuple[str, 
 
 
 def router_kind(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Return {"kind": how the router weighs experts, "renormalize": True/False/None} for a MoE config."""
+    """Return {"kind": how the router weighs experts, "renormalize": True/False/None} for a MoE config,
+    plus "groups", "top_groups" and "routed_scaling" for a "sigmoid_grouped_topk" router."""
     kind, renormalise = ROUTER_KINDS.get(config.get("model_type", ""), ("unknown", None))
     if isinstance(renormalise, str):
         renormalise = config.get(renormalise)
-    return {"kind": kind, "renormalize": renormalise}
+    info = {"kind": kind, "renormalize": renormalise}
+    if kind == "sigmoid_grouped_topk":
+        info |= {key: config.get(name) for key, name in GROUPED_ROUTER_FIELDS.items()}
+    return info
