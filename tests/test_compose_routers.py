@@ -119,6 +119,22 @@ def test_hidden_rows_are_the_prompt_means_of_the_ffn_inputs(char_models, tmp_pat
     assert config["upcycle"]["experts"][0]["negative_prompts"] == NEGATIVE[0]
 
 
+def test_hidden_rows_of_some_layers_are_those_of_all_layers(char_models, tmp_path):
+    """The prompt pass stops at the last MoE layer's FFN input: the rows it gives are bit for bit
+    those of a pass through every layer."""
+    experts = [{"source": str(char_models[name]), "positive_prompts": POSITIVE[i]} for i, name in enumerate("ab")]
+    recipe = {"base": str(char_models["base"]), "router_init": "hidden", "target": "qwen2_moe", "experts": experts}
+    compose(recipe, tmp_path / "all", quiet=True)
+    compose(recipe, tmp_path / "first", moe_layers=[0], quiet=True)
+    gate = "model.layers.{layer}.mlp.gate.weight"
+    with (
+        safe_open(tmp_path / "all" / "model.safetensors", "pt") as every,
+        safe_open(tmp_path / "first" / "model.safetensors", "pt") as first,
+    ):
+        assert torch.equal(first.get_tensor(gate.format(layer=0)), every.get_tensor(gate.format(layer=0)))
+        assert gate.format(layer=1) not in first.keys()
+
+
 def test_cheap_embed_rows_are_the_prompt_means_of_the_token_embeddings(char_models, tmp_path):
     experts = [{"source": str(char_models[name]), "positive_prompts": POSITIVE[i]} for i, name in enumerate("ab")]
     recipe = {"base": str(char_models["base"]), "router_init": "cheap_embed", "experts": experts}

@@ -9,7 +9,10 @@
 
 Special tokens (BOS, EOS, padding) run through the model but are left out of every mean. The
 base model runs once over all experts' texts (one model in memory, one batch at a time); sums
-are float64, and identical prompt lists are run once.
+are float64, and identical prompt lists are run once. The weights are the safetensors files'
+memory maps, so only the pages a forward pass reads become resident: the pass runs the backbone
+without the LM head and stops at the last MoE layer's FFN input (what comes after cannot change
+a router row), which keeps the head and the layers after it out of peak RSS.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ from upcycle.progress import progress, progress_bars
 
 EMBEDDING = "model.embed_tokens.weight"
 BATCH_SIZE = 8
+
+
+class _LastFFNInputRead(Exception):
+    """Raised by the hook on the last MoE layer's FFN input: the rest of the forward pass is not needed."""
 
 
 def load_tokenizer(base: SourceCheckpoint, router_init: str):
@@ -143,6 +150,8 @@ def hidden_router_rows(
     vocab = int(model.get_input_embeddings().num_embeddings)
     gate = family.dense_mlp.gate.removesuffix(".weight")
     named = dict(model.named_modules())
+    backbone = model.base_model  # the decoder without the LM head, whose weights are then never read
+    last_layer = max(layers)
     sums: dict[int, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
 
@@ -150,6 +159,8 @@ def hidden_router_rows(
         def hook(_module, args):
             hidden = args[0].reshape(-1, args[0].shape[-1])[state["counted"]]
             sums[layer] += hidden.to(torch.float64).sum(0)
+            if layer == last_layer:
+                raise _LastFFNInputRead
 
         return hook
 
@@ -168,7 +179,10 @@ def hidden_router_rows(
                 for batch in token_batches(tokenizer, texts, recipe.max_length, vocab):
                     state["counted"] = batch["counted"].reshape(-1)
                     count += int(batch["counted"].sum())
-                    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    try:
+                        backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    except _LastFFNInputRead:
+                        pass
                     bar.update(1)
                 counts[key] = count
                 _check_counts(recipe, counts, key)
@@ -177,7 +191,7 @@ def hidden_router_rows(
         for handle in handles:
             handle.remove()
         bar.close()
-    del model
+    del model, backbone
     return _rows_from_means(recipe, means, layers)
 
 
