@@ -4,7 +4,7 @@
 on any `RouterOutput`.
 """
 
-from upcycle.moe.block import MoE, MoEStats, SharedExperts, collect_aux_loss, moe_modules
+from upcycle.moe.block import MoE, MoEStats, SharedExperts, collect_aux_loss, loss_free_bias_delta, moe_modules
 from upcycle.moe.dispatch import apply_capacity, expert_capacity, grouped_linear
 from upcycle.moe.experts import Experts
 from upcycle.moe.ffn import DenseFFN, read_dense_ffn
@@ -36,6 +36,7 @@ __all__ = [
     "expert_capacity",
     "grouped_linear",
     "load_balancing_loss",
+    "loss_free_bias_delta",
     "moe_modules",
     "read_dense_ffn",
     "router_z_loss",

@@ -331,13 +331,21 @@ class MoE(nn.Module):
         calls it with the local load.
         """
         bias = self.router.selection_bias
-        bias.add_(self.bias_update_rate * torch.sign(load.mean() - load).to(bias.dtype))
+        bias.add_(loss_free_bias_delta(load, self.bias_update_rate).to(bias.dtype))
 
     def extra_repr(self) -> str:
         return (
             f"top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
             f"capacity_priority={self.capacity_priority!r}, bias_update_rate={self.bias_update_rate}"
         )
+
+
+def loss_free_bias_delta(load: torch.Tensor, rate: float) -> torch.Tensor:
+    """Return DeepSeek-V3's loss-free balancing step for per-expert selection biases:
+    ``rate * sign(mean(load) - load)`` (float32, shape of `load`), which raises the bias of
+    under-loaded experts, lowers that of over-loaded ones and leaves an expert at the mean alone."""
+    load = load.float()
+    return rate * torch.sign(load.mean() - load)
 
 
 def _or_zeros(tensor: torch.Tensor | None, size: int) -> torch.Tensor:

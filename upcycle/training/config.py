@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -131,12 +132,16 @@ class DataSection:
 
 @dataclass
 class MoESection:
-    """Router training knobs; written into the model's own config fields where it has them."""
+    """Router training knobs; written into the model's own config fields where it has them.
+    ``bias_update_rate`` (0: off) turns on DeepSeek-V3 auxiliary-loss-free balancing for models whose
+    routers carry an ``e_score_correction_bias`` (glm4_moe, DeepSeek-V3): after each optimizer step
+    each bias moves by this much towards the experts loaded below the mean (`upcycle.training.balancing`)."""
 
     aux_loss_coef: float | None = None
     z_loss_coef: float = 0.0
     router_jitter: float = 0.0
     capacity_factor: float | None = 1.25
+    bias_update_rate: float = 0.0
 
 
 @dataclass
@@ -423,6 +428,11 @@ def check_values(config: RecipeConfig) -> None:
     _require(moe.z_loss_coef >= 0, "moe.z_loss_coef", "must be >= 0")
     _require(0.0 <= moe.router_jitter < 1.0, "moe.router_jitter", "must be in [0, 1)")
     _require(moe.capacity_factor is None or moe.capacity_factor > 0, "moe.capacity_factor", "must be > 0 or null")
+    _require(
+        0.0 <= moe.bias_update_rate < math.inf,
+        "moe.bias_update_rate",
+        f"must be a finite number >= 0 (0: off), got {moe.bias_update_rate}",
+    )
     mode = config.model.mode
     _require(
         mode != "pattern" or bool(config.model.trainable_patterns),
@@ -443,6 +453,12 @@ def check_values(config: RecipeConfig) -> None:
         config.output.export != "dense" or mode not in ("lora", "mope"),
         "output.export",
         "'dense' merges a trained MoE checkpoint; with an adapter (lora, mope) there is none to merge",
+    )
+    _require(
+        not moe.bias_update_rate or mode not in ("lora", "mope"),
+        "moe.bias_update_rate",
+        f"the router biases live in the base model, which a {mode} adapter does not save; "
+        "use mode full, router_only, experts_only or pattern",
     )
     for key in ("aux_loss_coef", "z_loss_coef", "router_noise"):
         _require(

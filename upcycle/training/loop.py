@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from upcycle.training.balancing import RoutingCapture, balance_selection_biases, biased_routers
 from upcycle.training.checkpoints import MetricsLog, clear_output, remove_incomplete_checkpoints
 from upcycle.training.config import ConfigError, RecipeConfig, TrainSection
 from upcycle.training.data import EpochShuffleSampler, PadCollator, count_target_tokens
@@ -53,10 +55,12 @@ def make_accelerator(config: RecipeConfig, output_dir: Path) -> Any:
 
 def prepare_output_dir(accelerator: Any, output_dir: Path, clear: bool) -> None:
     """On the main process, remove an earlier run (when `clear`: a fresh run with
-    ``output.overwrite``) and the checkpoints a killed save left incomplete; every process waits."""
+    ``output.overwrite``) and the checkpoints a killed save left incomplete, and create `output_dir`
+    (a run resumed from another run's checkpoint writes to a new one); every process waits."""
     if accelerator.is_main_process:
         if clear:
             clear_output(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
         removed = remove_incomplete_checkpoints(output_dir)
         if removed:
             accelerator.print(f"removed {len(removed)} incomplete checkpoint(s) left by a killed save")
@@ -158,7 +162,8 @@ def batches_by_step(
 @dataclass
 class StepResult:
     """One optimizer step, summed over processes: the losses, the mean of each router term per
-    micro-batch, the input (non-padding) tokens and the gradient norm before clipping (or None)."""
+    micro-batch, the input (non-padding) tokens, the gradient norm before clipping (or None) and
+    the loss-free balancing metrics (`balance_selection_biases`; empty when it is off)."""
 
     lr: float
     lm_loss: float
@@ -166,6 +171,7 @@ class StepResult:
     aux_parts: dict[str, float] = field(default_factory=dict)
     input_tokens: float = 0.0
     grad_norm: Any = None
+    balance: dict[str, float] = field(default_factory=dict)
 
 
 class TrainStep:
@@ -175,6 +181,14 @@ class TrainStep:
     batch; x processes x GA undoes DDP's gradient mean and `backward`'s division by GA, so a step is
     the same for any split of the global batch (`upcycle.training.loss`). Router aux terms are added
     as the model (or `mope`) gives them, and router metrics accumulate per micro-batch.
+
+    Models with DeepSeek-V3-style routers (an ``e_score_correction_bias`` buffer, e.g. glm4_moe) have
+    their routing recorded by hooks (`upcycle.training.balancing`): the router metrics then count
+    the experts actually chosen (the bias and group limit included), and with
+    ``moe.bias_update_rate`` > 0 the biases move after each optimizer step.
+
+    Raises:
+        ConfigError: ``moe.bias_update_rate`` > 0 and the model has no such router.
     """
 
     def __init__(
@@ -197,6 +211,16 @@ class TrainStep:
         self.z_loss_coef = config.moe.z_loss_coef
         self.max_grad_norm = config.train.max_grad_norm
         self.ga_steps = config.train.gradient_accumulation_steps
+        self.bias_update_rate = config.moe.bias_update_rate
+        routers = biased_routers(self.unwrapped)
+        if self.bias_update_rate > 0 and not routers:
+            raise ConfigError(
+                f"moe.bias_update_rate: {type(self.unwrapped).__name__} has no router with an "
+                "e_score_correction_bias buffer (DeepSeek-V3-style, e.g. glm4_moe); set it to 0"
+            )
+        self.capture = None
+        if routers and (self.bias_update_rate > 0 or router_metrics is not None):
+            self.capture = RoutingCapture(routers, router_metrics is not None, self.bias_update_rate > 0)
 
     def __call__(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
         """Run forward, backward and the optimizer over `micro_batches`; return the `StepResult`."""
@@ -210,7 +234,8 @@ class TrainStep:
         lm_sum, aux_sum, aux_parts, input_tokens, grad_norm = 0.0, 0.0, {}, 0.0, None
         for batch in micro_batches:
             with accelerator.accumulate(model):
-                outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                with self._recording(batch["attention_mask"]):
+                    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 token_loss = token_loss_sum(outputs.logits, batch["labels"])
                 aux = router_aux_terms(self.unwrapped, outputs, batch["attention_mask"], self.z_loss_coef, self.is_mope)
                 accelerator.backward(token_loss * lm_scale + aux.total)
@@ -225,6 +250,9 @@ class TrainStep:
                 aux_parts[name] = aux_parts.get(name, 0.0) + value
             input_tokens += float(batch["attention_mask"].sum())
             self._update_router_metrics(outputs, batch["attention_mask"])
+        balance = {}
+        if self.bias_update_rate > 0:
+            balance = balance_selection_biases(accelerator, self.capture, self.bias_update_rate, accelerator.device)
         local = [lm_sum, aux_sum, input_tokens, *aux_parts.values()]
         totals = accelerator.reduce(torch.tensor(local, device=accelerator.device, dtype=torch.float64), "sum").tolist()
         micro_steps = self.ga_steps * accelerator.num_processes
@@ -235,12 +263,21 @@ class TrainStep:
             aux_parts={name: value / micro_steps for name, value in zip(aux_parts, totals[3:], strict=True)},
             input_tokens=totals[2],
             grad_norm=grad_norm,
+            balance=balance,
         )
+
+    def _recording(self, attention_mask: torch.Tensor) -> Any:
+        return nullcontext() if self.capture is None else self.capture.recording(attention_mask)
 
     def _update_router_metrics(self, outputs: Any, attention_mask: torch.Tensor) -> None:
         if self.router_metrics is None:
             return
-        layers = mope_router_layers(self.unwrapped) if self.is_mope else native_router_layers(outputs, self.top_k)
+        if self.is_mope:
+            layers = mope_router_layers(self.unwrapped)
+        elif self.capture is not None:
+            layers = self.capture.routed_layers()
+        else:
+            layers = native_router_layers(outputs, self.top_k)
         for name, logits, indices in layers:
             self.router_metrics.update(name, logits, indices, attention_mask)
 
@@ -278,6 +315,7 @@ def step_record(
         "lr": result.lr,
         "grad_norm": float(result.grad_norm) if result.grad_norm is not None else None,
         "tokens_per_s": tokens_per_s,
+        **result.balance,
     }
     if router_metrics is not None:
         packed = router_metrics.packed()

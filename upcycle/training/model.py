@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from upcycle.errors import MOPE_IMPORT_HINT, UpcycleError
+from upcycle.training.balancing import biased_routers
 from upcycle.training.config import ConfigError, RecipeConfig
 
 # Parameter names in transformers-5 MoE models (Mixtral/Qwen2Moe/Qwen3Moe/FlexOlmo/Olmoe:
@@ -29,6 +30,8 @@ class ModelFacts:
     is_moe: bool
     has_jitter_field: bool
     upcycled_from: str | None = None
+    # Whether its routers carry an e_score_correction_bias; None: not looked at (moe.bias_update_rate 0).
+    has_selection_bias: bool | None = None
 
 
 def _auto_config(path: str, revision: str | None, trust_remote_code: bool):
@@ -66,9 +69,12 @@ def model_facts(config: RecipeConfig) -> ModelFacts:
     """
     from transformers import AutoConfig
 
-    source = _auto_config(config.model.path, config.model.revision, config.model.trust_remote_code)
+    trust = config.model.trust_remote_code
+    source = _auto_config(config.model.path, config.model.revision, trust)
+    look = config.moe.bias_update_rate > 0
     if config.model.upcycle is None:
-        return ModelFacts(source.model_type, is_moe_config(source), hasattr(source, "router_jitter_noise"))
+        bias = has_selection_bias(source, trust) if look else None
+        return ModelFacts(source.model_type, is_moe_config(source), hasattr(source, "router_jitter_noise"), None, bias)
     from upcycle.families import find_family
 
     try:
@@ -76,7 +82,22 @@ def model_facts(config: RecipeConfig) -> ModelFacts:
     except UpcycleError as err:
         raise ConfigError(f"model.upcycle: {err}") from None
     target = AutoConfig.for_model(family.target_model_type)
-    return ModelFacts(family.target_model_type, True, hasattr(target, "router_jitter_noise"), source.model_type)
+    bias = has_selection_bias(target, False) if look else None
+    return ModelFacts(family.target_model_type, True, hasattr(target, "router_jitter_noise"), source.model_type, bias)
+
+
+def has_selection_bias(hf_config, trust_remote_code: bool) -> bool | None:
+    """Return whether the causal LM of `hf_config` has routers with an ``e_score_correction_bias``
+    buffer (DeepSeek-V3-style loss-free balancing), from a skeleton built on the meta device (no
+    memory, no weights read); None when transformers cannot build one from the config."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    except (ValueError, TypeError, ImportError, OSError):
+        return None
+    return bool(biased_routers(skeleton))
 
 
 def check_mode_fits(config: RecipeConfig, facts: ModelFacts) -> None:
@@ -107,6 +128,11 @@ def check_mode_fits(config: RecipeConfig, facts: ModelFacts) -> None:
                     f"moe.{key}: {described} trained with mode {mode!r}, which has no router; "
                     "remove it, add a model.upcycle block, or use mode mope"
                 )
+    if moe.bias_update_rate and facts.has_selection_bias is False:
+        raise ConfigError(
+            f"moe.bias_update_rate: {facts.model_type} routers have no e_score_correction_bias (loss-free "
+            "balancing needs a DeepSeek-V3-style router, e.g. glm4_moe); set it to 0 or use moe.aux_loss_coef"
+        )
     if moe.router_jitter and mode != "mope" and not facts.has_jitter_field:
         raise ConfigError(
             f"moe.router_jitter: {facts.model_type} has no router jitter field (router_jitter_noise); set it to 0"
