@@ -50,6 +50,10 @@ LLAMA_GLM4MOE = FamilyPair(
     rope_defaults={"partial_rotary_factor": 1.0},
     top_level_rope_fields=("partial_rotary_factor",),
     extra_copied_fields=frozenset({"head_dim"}),
+    # Read in llama.cpp's convert_hf_to_gguf.py, not run: its Glm4MoeModel takes GLM's special tokens.
+    engine_notice="llama.cpp's GGUF converter for GLM-4-MoE looks up GLM's special tokens ([gMASK], <|user|>) in "
+    "the tokenizer, which a Llama/Qwen tokenizer lacks, and reads only the per-expert layout; serve this with "
+    "transformers (vLLM not measured)",
     requirements=(
         Requirement("attention_bias", False, "glm4_moe has bias on q/k/v only, never on o_proj"),
         Requirement("mlp_bias", False, "glm4_moe experts have no bias"),
