@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_compose_support import ForcedRouter, perturbed, read_all, recipe_file
+from test_convert_exactness import _pairs
 from tiny_models import DENSE_CASES, logits
 from transformers import AutoModelForCausalLM
 
@@ -17,20 +18,7 @@ from upcycle.cli import main
 from upcycle.compose import ComposeSummary, compose
 from upcycle.compose.report import compose_facts
 from upcycle.convert import convert
-from upcycle.errors import UpcycleError
-from upcycle.families import FAMILIES, find_family
-
-
-def _pairs(model_type: str, fields: dict):
-    pairs = []
-    for family in FAMILIES:
-        if model_type in family.source_model_types:
-            try:
-                pairs.append(find_family({"model_type": model_type, **fields}, family.target_model_type))
-            except UpcycleError:
-                continue
-    return pairs
-
+from upcycle.families import find_family
 
 CASES = [
     (name, family.target_model_type, layout)

@@ -63,9 +63,16 @@ def load_calibration_texts(data: str | Path, samples: int = 128, split: str = "t
 
 
 def calibration_batches(
-    tokenizer, texts: list[str], max_length: int = 256, batch_size: int = 4, vocab_size: int | None = None
+    tokenizer,
+    texts: list[str],
+    max_length: int = 256,
+    batch_size: int = 4,
+    vocab_size: int | None = None,
+    *,
+    special_tokens_mask: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield tokenized batches (`input_ids`, `attention_mask`) of `texts`, truncated to `max_length`.
+    """Yield tokenized batches (`input_ids`, `attention_mask`, and `special_tokens_mask` when asked)
+    of `texts`, truncated to `max_length`.
 
     Raises:
         UpcycleError: `max_length` or `batch_size` is below 1, or the tokenizer gives a token id
@@ -82,6 +89,7 @@ def calibration_batches(
             padding=True,
             truncation=True,
             max_length=max_length,
+            return_special_tokens_mask=special_tokens_mask,
         )
         largest = int(batch["input_ids"].max()) if batch["input_ids"].numel() else -1
         if vocab_size is not None and largest >= vocab_size:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
+from upcycle.calibration import calibration_batches, load_calibration_texts
 from upcycle.checkpoint import SourceCheckpoint
 from upcycle.compose.recipe import Recipe
 from upcycle.errors import UpcycleError
@@ -64,20 +65,7 @@ def token_batches(tokenizer, texts: list[str], max_length: int, vocab_size: int)
         UpcycleError: a token id outside the model's vocabulary (another model's tokenizer).
     """
     batch_size = BATCH_SIZE if tokenizer.pad_token is not None else 1
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            texts[start : start + batch_size],
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_special_tokens_mask=True,
-        )
-        if batch["input_ids"].numel() and int(batch["input_ids"].max()) >= vocab_size:
-            raise UpcycleError(
-                f"the base's tokenizer gives token id {int(batch['input_ids'].max())} but its vocabulary has "
-                f"{vocab_size} entries; fix the base's tokenizer"
-            )
+    for batch in calibration_batches(tokenizer, texts, max_length, batch_size, vocab_size, special_tokens_mask=True):
         counted = batch["attention_mask"].bool() & ~batch["special_tokens_mask"].bool()
         yield {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "counted": counted}
 
@@ -88,8 +76,6 @@ def _normalized(rows: torch.Tensor) -> torch.Tensor:
 
 def _text_sets(recipe: Recipe) -> dict[tuple[str, ...], list[str]]:
     """Return every distinct list of texts the router rows need (prompts, or data loaded here)."""
-    from upcycle.calibration import load_calibration_texts
-
     sets: dict[tuple[str, ...], list[str]] = {}
     for expert in recipe.experts:
         if recipe.router_init == "kmeans":
