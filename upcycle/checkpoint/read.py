@@ -26,6 +26,7 @@ from upcycle.checkpoint.formats import (
     SAFETENSORS_INDEX,
     SIDE_FILES,
 )
+from upcycle.checkpoint.prefetch import TensorStream
 from upcycle.errors import UpcycleError
 
 
@@ -72,6 +73,11 @@ class LazyTensors:
             return handle[name]
         with safe_open(str(path), framework="pt", device="cpu") as reader:
             return reader.get_tensor(name)
+
+    def stream(self, budget: int) -> TensorStream:
+        """Return a `TensorStream` over these tensors: reads requested ahead of use on a background
+        thread, at most `budget` bytes ahead (`upcycle.checkpoint.prefetch`)."""
+        return TensorStream(self._shard_of, self.get, budget)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Return the shape of tensor `name` without reading its data."""

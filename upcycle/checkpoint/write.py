@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from upcycle.checkpoint.background import SerialWorker
 from upcycle.checkpoint.formats import CONFIG_FILE, SAFETENSORS_DTYPES, SAFETENSORS_INDEX, SHARD_PATTERN
 from upcycle.checkpoint.output import atomic_output_dir, check_output_dir
 from upcycle.errors import UpcycleError
@@ -260,16 +261,23 @@ class StreamingWriter:
                 self._position[spec.name] = (spec, offset)
                 offset += spec.nbytes
         self._remaining = {file: len(shard_specs) for file, shard_specs in self._layout.items()}
-        self._files: dict[str, StreamingWriter.Shard] = {}
+        self._files: dict[str, StreamingWriter.Shard] = {}  # touched by the worker thread only, until it stops
+        self._worker: SerialWorker | None = None
 
     @property
     def file_names(self) -> list[str]:
         """Return the shard file names, in order."""
         return list(self._layout)
 
+    # Bytes of tensors handed to the writing thread and not yet written; `write` waits beyond that.
+    QUEUED_BYTES = 256 * 2**20
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the planned tensor `name` (the tensor is only read: the same one may be written under
-        several names).
+        """Hand the planned tensor `name` to the writing thread (the tensor is only read, and must not be
+        changed afterwards: the same one may be written under several names).
+
+        The bytes are written in order on one background thread (`upcycle.checkpoint.background`);
+        a write the file system refused is raised by a later `write` or by `close`.
 
         Raises:
             UpcycleError: the tensor is not in the plan (or was written already), or its dtype or
@@ -284,21 +292,40 @@ class StreamingWriter:
                 f"writer expected {spec.name} {spec.dtype} {spec.shape}, got {tensor.dtype} {tuple(tensor.shape)}"
             )
         file = self.file_of[name]
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._remaining[file] -= 1
+        last = not self._remaining[file]
+        if self._worker is None:
+            self._worker = SerialWorker(self.QUEUED_BYTES)
+        self._worker.submit(lambda: self._write_data(file, offset, data, last), data.numel())
+
+    def _write_data(self, file: str, offset: int, data: torch.Tensor, last: bool) -> None:
+        """On the worker thread: write `data` at `offset` of `file`, and close the file after its last tensor."""
         shard = self._files.get(file)
         if shard is None:
             shard = self._files[file] = self.Shard(self.directory / file, self._headers[file])
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         shard.write_at(offset, memoryview(data.numpy()))
-        self._remaining[file] -= 1
-        if not self._remaining[file]:
+        if last:
             self._files.pop(file).close()
+
+    def _stop_worker(self, drain: bool) -> None:
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        try:
+            if drain:
+                worker.drain()
+        finally:
+            worker.stop()
 
     def close(self) -> None:
         """Write the index when there are several shards.
 
         Raises:
             UpcycleError: some planned tensors were never written.
+            OSError: the file system refused a write.
         """
+        self._stop_worker(drain=True)
         for file in list(self._files):
             self._files.pop(file).abort()
         if self._position:
@@ -310,6 +337,7 @@ class StreamingWriter:
 
     def abort(self) -> None:
         """Close every open file without checking that the plan is complete (the caller discards them)."""
+        self._stop_worker(drain=False)
         for file in list(self._files):
             self._files.pop(file).abort()
 

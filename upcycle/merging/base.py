@@ -14,7 +14,7 @@ import torch
 from upcycle.checkpoint import SourceCheckpoint, open_checkpoint
 from upcycle.errors import UpcycleError, flag
 from upcycle.merging import methods
-from upcycle.merging.source import PROJECTIONS, MoESource
+from upcycle.merging.source import MoESource
 
 
 def upcycled_dense_source(config: dict) -> str | None:
@@ -83,11 +83,11 @@ class BaseFFN:
                     )
         return None
 
-    def projections(self, moe: MoESource, layer: int, stacks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Return the base gate/up/down of `layer` (`stacks`: the layer's expert stacks, for the expert mean)."""
+    def projection(self, moe: MoESource, layer: int, projection: str, experts: list[torch.Tensor]) -> torch.Tensor:
+        """Return the base FFN's `projection` (gate, up or down) of `layer`; `experts` holds that projection
+        of every routed expert of the layer (for the expert mean)."""
         if self.checkpoint is None:
-            ones = torch.ones(moe.num_experts)
-            return {p: methods.weighted_mean(stacks[p], ones) for p in PROJECTIONS}
+            return methods.weighted_mean(experts, torch.ones(moe.num_experts))
         names = moe.family.dense_mlp
-        templates = {"gate": names.gate, "up": names.up, "down": names.down}
-        return {p: self.checkpoint.tensors.get(t.format(layer=layer)) for p, t in templates.items()}
+        template = {"gate": names.gate, "up": names.up, "down": names.down}[projection]
+        return self.checkpoint.tensors.get(template.format(layer=layer))

@@ -8,7 +8,7 @@ and their router (`MergePlan.grouped_layer`).
 
 from __future__ import annotations
 
-import functools
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +50,17 @@ class MergePlan:
     expert_weights: dict[int, list[float]] = field(default_factory=dict)
     groups: dict[int, list[list[int]]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        tensors = self.moe.checkpoint.tensors
+        first_layer = self.expert_names(self.moe.moe_layers[0])
+        layer_bytes = sum(
+            math.prod(tensors.shape(name)) * tensors.dtype(name).itemsize
+            for name in dict.fromkeys(n for p in PROJECTIONS for n in _as_list(first_layer[p]))
+        )
+        # Read at most two projections of a layer ahead of the one being merged.
+        self._stream = tensors.stream(budget=2 * layer_bytes // 3)
+        self._fused_gate_up: torch.Tensor | None = None
+
     def dense_width(self) -> int:
         """Return the FFN width of the dense output: one expert's (all experts' for concat) plus the shared expert's."""
         moe = self.moe
@@ -68,95 +79,120 @@ class MergePlan:
             return stats.selection_counts
         return torch.ones(experts, dtype=torch.float64)
 
-    def merge_group(
+    def merge_projection(
         self,
         layer: int,
-        stacks: dict[str, torch.Tensor],
+        projection: str,
+        experts: list[torch.Tensor],
         members: list[int],
         coefficients: torch.Tensor,
-        base: dict[str, torch.Tensor] | None,
-    ) -> dict[str, torch.Tensor]:
-        """Return gate/up/down of the experts `members` merged into one FFN by the method."""
-        sub = {p: [stacks[p][member] for member in members] for p in PROJECTIONS}  # views: no copy
+        base: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Return one projection (gate, up or down) of the experts `members` merged into one by the method.
+
+        `experts` holds that projection of every routed expert of `layer`; `base` the base FFN's
+        projection for the task-vector methods.
+        """
+        sub = [experts[member] for member in members]
         weights = coefficients[torch.tensor(members)]
         if len(members) == 1:  # a singleton group keeps its expert exactly, whatever the method
-            return {p: sub[p][0] for p in PROJECTIONS}
+            return sub[0]
         if self.method == "select":
-            chosen = int(torch.argmax(weights))
-            return {p: sub[p][chosen] for p in PROJECTIONS}
+            return sub[int(torch.argmax(weights))]
         if self.method == "concat":
-            return {p: methods.concat(sub[p], weights, p) for p in PROJECTIONS}
+            return methods.concat(sub, weights, projection)
         if self.method == "task-arithmetic":
-            return {p: methods.task_arithmetic(sub[p], base[p], weights, self.scale) for p in PROJECTIONS}
+            return methods.task_arithmetic(sub, base, weights, self.scale)
         if self.method == "ties":
-            return {p: methods.ties(sub[p], base[p], weights, self.density, self.scale) for p in PROJECTIONS}
+            return methods.ties(sub, base, weights, self.density, self.scale)
         if self.method == "dare":
-            return {
-                p: methods.dare(
-                    sub[p], base[p], weights, self.density, dare_generator(self.seed, layer, p, members), self.scale
-                )
-                for p in PROJECTIONS
-            }
-        return {p: methods.weighted_mean(sub[p], weights) for p in PROJECTIONS}
+            generator = dare_generator(self.seed, layer, projection, members)
+            return methods.dare(sub, base, weights, self.density, generator, self.scale)
+        return methods.weighted_mean(sub, weights)
 
-    def layer_experts(self, layer: int) -> dict[str, list[torch.Tensor]]:
-        """Return {"gate", "up", "down": each routed expert's weight} of `layer`, as read: one layer's experts,
-        the unit of memory of a merge, without stacking them into a copy (views of the fused tensors)."""
-        moe = self.moe
-        layout = moe.layout
+    def expert_names(self, layer: int) -> dict[str, str | list[str]]:
+        """Return, per projection, the on-disk name of the tensor holding it (fused layouts: gate and up
+        share `gate_up`) or the names of the routed experts' tensors (per-expert layouts)."""
+        moe, layout = self.moe, self.moe.layout
         if layout.fused:
-            return {p: list(stack) for p, stack in moe.expert_stacks(layer).items()}
-        tensors = moe.checkpoint.tensors
+            gate_up = layout.gate_up.format(layer=layer)
+            return {"gate": gate_up, "up": gate_up, "down": layout.down.format(layer=layer)}
         templates = {"gate": layout.gate, "up": layout.up, "down": layout.down}
-        return {
-            p: [tensors.get(template.format(layer=layer, expert=e)) for e in range(moe.num_experts)]
-            for p, template in templates.items()
-        }
+        return {p: [t.format(layer=layer, expert=e) for e in range(moe.num_experts)] for p, t in templates.items()}
 
-    def dense_layer(self, layer: int) -> dict[str, torch.Tensor]:
-        """Return the dense FFN (gate, up, down) that replaces the MoE block of `layer`."""
-        moe = self.moe
-        stacks = self.layer_experts(layer)
-        coefficients = self.coefficients(layer)
-        self.expert_weights[layer] = methods.normalized(coefficients).tolist()
-        base = self.base.projections(moe, layer, stacks) if self.base is not None else None
-        merged = self.merge_group(layer, stacks, list(range(moe.num_experts)), coefficients, base)
-        shared = moe.shared_projections(layer)
-        if shared:
-            stats = self.stats.get(layer)
-            # Qwen2-MoE adds sigmoid(shared_expert_gate(x)) * shared(x); a fixed mean gate folds it in.
-            gate = stats.shared_gate_sum / max(stats.tokens, 1) if stats else 0.5
-            merged = {
-                "gate": torch.cat([shared["gate"].double(), merged["gate"].double()]),
-                "up": torch.cat([shared["up"].double(), merged["up"].double()]),
-                "down": torch.cat([shared["down"].double() * gate, merged["down"].double()], dim=1),
-            }
-        return merged
+    def request_after(self, after: int) -> None:
+        """Queue the experts of the first MoE layer after `after` (-1: the first) for reading ahead, in the
+        order they are used (gate, up, down), so the disk reads them while this layer is computed."""
+        following = [layer for layer in self.moe.moe_layers if layer > after]
+        if following:
+            names = self.expert_names(following[0])
+            self._stream.request(dict.fromkeys(n for p in PROJECTIONS for n in _as_list(names[p])))
 
-    def grouped_layer(self, layer: int) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-        """Return (router (K, H), the K merged experts {gate, up, down: K tensors}) of `layer`.
+    def projection_experts(self, layer: int, projection: str) -> list[torch.Tensor]:
+        """Return that projection of every routed expert of `layer`, as read (views of a fused tensor)."""
+        names = self.expert_names(layer)[projection]
+        if isinstance(names, list):
+            return [self._stream.take(name) for name in names]
+        if projection == "down":
+            return list(self._stream.take(names))
+        if projection == "gate":  # gate and up are the halves of one fused tensor: read it once
+            self._fused_gate_up = self._stream.take(names)
+        gate_up, size = self._fused_gate_up, self.moe.expert_size
+        if projection == "up":
+            self._fused_gate_up = None
+        return list(gate_up[:, :size] if projection == "gate" else gate_up[:, size:])
 
-        Each merged expert keeps the dtype its merge gave (float64, float32, or the source's for a
-        singleton group): every one of them casts to the output dtype as its float64 copy would.
+    def dense_layer(self, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Return the dense FFN (gate, up, down) in `dtype` that replaces the MoE block of `layer`.
+
+        One projection of the experts is held at a time: read, merged, cast, dropped.
         """
         moe = self.moe
-        stacks = self.layer_experts(layer)
+        coefficients = self.coefficients(layer)
+        self.expert_weights[layer] = methods.normalized(coefficients).tolist()
+        shared = moe.shared_projections(layer)
+        stats = self.stats.get(layer)
+        # Qwen2-MoE adds sigmoid(shared_expert_gate(x)) * shared(x); a fixed mean gate folds it in.
+        shared_gate = (stats.shared_gate_sum / max(stats.tokens, 1) if stats else 0.5) if shared else None
+        merged = {}
+        for projection in PROJECTIONS:
+            experts = self.projection_experts(layer, projection)
+            base = self.base.projection(moe, layer, projection, experts) if self.base is not None else None
+            tensor = self.merge_projection(layer, projection, experts, list(range(moe.num_experts)), coefficients, base)
+            del experts, base
+            if shared and projection == "down":
+                tensor = torch.cat([shared["down"].double() * shared_gate, tensor.double()], dim=1)
+            elif shared:
+                tensor = torch.cat([shared[projection].double(), tensor.double()])
+            merged[projection] = tensor.to(dtype)
+        return merged
+
+    def grouped_layer(self, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        """Return (router (K, H) in float64, the K merged experts {gate, up, down: K tensors in `dtype`}) of `layer`.
+
+        Grouping by weights needs every projection of the layer's experts at once (one layer's experts).
+        """
+        moe = self.moe
+        experts = {p: self.projection_experts(layer, p) for p in PROJECTIONS}
         stats = self.stats.get(layer)
         if stats is not None and stats.expert_output_sum is not None:
             distances = output_distances(stats.mean(stats.expert_output_sum))
         else:
-            distances = weight_distances(_StackedOnRead([stacks[p] for p in PROJECTIONS]))
+            distances = weight_distances(_StackedOnRead([experts[p] for p in PROJECTIONS]))
         groups = average_linkage(distances, self.experts_out)
         self.groups[layer] = groups
         coefficients = self.coefficients(layer)
         self.expert_weights[layer] = methods.normalized(coefficients).tolist()
-        base = self.base.projections(moe, layer, stacks) if self.base is not None else None
         router = moe.router(layer)
-        rows, merged = [], {p: [] for p in PROJECTIONS}
+        merged: dict[str, list[torch.Tensor]] = {p: [] for p in PROJECTIONS}
+        for projection in PROJECTIONS:
+            base = self.base.projection(moe, layer, projection, experts[projection]) if self.base is not None else None
+            for members in groups:
+                tensor = self.merge_projection(layer, projection, experts[projection], members, coefficients, base)
+                merged[projection].append(tensor.to(dtype))
+            experts[projection] = None  # drop this projection's experts before merging the next
+        rows = []
         for members in groups:
-            expert = self.merge_group(layer, stacks, members, coefficients, base)
-            for p in PROJECTIONS:
-                merged[p].append(expert[p])
             weights = coefficients[torch.tensor(members)]
             if self.method == "select" and len(members) > 1:
                 rows.append(router[members[int(torch.argmax(weights))]].double())
@@ -190,21 +226,23 @@ class MergePlan:
             shapes[name] = moe.checkpoint.tensors.shape(name)
         return shapes
 
-    def layer_tensors(self, layer: int) -> dict[str, torch.Tensor]:
-        """Return the tensors that replace layer `layer`'s MoE block by output name (the names of `layer_shapes`)."""
+    def layer_tensors(self, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Return the tensors in `dtype` that replace layer `layer`'s MoE block by output name (the names of
+        `layer_shapes`), and queue the next MoE layer's experts for reading ahead."""
+        self.request_after(layer)
         if self.experts_out is None:
             names = self.moe.family.dense_mlp
-            merged = self.dense_layer(layer)
+            merged = self.dense_layer(layer, dtype)
             return {
                 names.gate.format(layer=layer): merged["gate"],
                 names.up.format(layer=layer): merged["up"],
                 names.down.format(layer=layer): merged["down"],
             }
         moe, layout = self.moe, self.moe.layout
-        router, merged = self.grouped_layer(layer)
-        tensors = {layout.router.format(layer=layer): router}
+        router, merged = self.grouped_layer(layer, dtype)
+        tensors = {layout.router.format(layer=layer): router.to(dtype)}
         if layout.fused:
-            gate, up, down = (_stacked(merged[p]) for p in PROJECTIONS)
+            gate, up, down = (torch.stack(merged[p]) for p in PROJECTIONS)
             tensors[layout.gate_up.format(layer=layer)] = torch.cat([gate, up], dim=1)
             tensors[layout.down.format(layer=layer)] = down
         else:
@@ -212,14 +250,12 @@ class MergePlan:
                 for projection, template in (("gate", layout.gate), ("up", layout.up), ("down", layout.down)):
                     tensors[template.format(layer=layer, expert=expert)] = merged[projection][expert]
         for name in moe.shared_tensor_names(layer):
-            tensors[name] = moe.checkpoint.tensors.get(name)
+            tensors[name] = moe.checkpoint.tensors.get(name).to(dtype)
         return tensors
 
 
-def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Return `tensors` stacked in their common dtype (conversions to a wider float are exact)."""
-    dtype = functools.reduce(torch.promote_types, (tensor.dtype for tensor in tensors))
-    return torch.stack([tensor.to(dtype) for tensor in tensors])
+def _as_list(names: str | list[str]) -> list[str]:
+    return names if isinstance(names, list) else [names]
 
 
 class _StackedOnRead(Sequence):
@@ -238,7 +274,7 @@ class _StackedOnRead(Sequence):
 class LayerCache:
     """Computes a layer's merged tensors when the first is asked for, and hands them out once each."""
 
-    def __init__(self, compute: Callable[[int], dict[str, torch.Tensor]]):
+    def __init__(self, compute: Callable[[int, torch.dtype], dict[str, torch.Tensor]]):
         self._compute = compute
         self._tensors: dict[str, torch.Tensor] = {}
         self._layer: int | None = None
@@ -247,7 +283,7 @@ class LayerCache:
         """Return the tensor `name` of `layer` in `dtype`, computing the layer (and dropping the previous one)
         if it is not the one held. Raises KeyError for a name already taken or not of that layer."""
         if self._layer != layer:
-            self._tensors = self._compute(layer)
+            self._tensors = self._compute(layer, dtype)
             self._layer = layer
         return self._tensors.pop(name).to(dtype).contiguous()
 
@@ -330,6 +366,7 @@ def plan_merge(plan: MergePlan, dtype: torch.dtype | None) -> list[PlannedTensor
             )
 
     cache = LayerCache(plan.layer_tensors)
+    plan.request_after(-1)
     top_level = copied.pop(-1, [])
     add_copies([name for name in top_level if "embed" in name])
     for layer in range(int(moe.config["num_hidden_layers"])):
