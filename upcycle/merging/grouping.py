@@ -11,7 +11,12 @@ instead of adding scipy as a dependency for `scipy.cluster.hierarchy`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
+
+from upcycle.merging.methods import single_threaded
 
 
 def output_distances(mean_outputs: torch.Tensor) -> torch.Tensor:
@@ -20,18 +25,46 @@ def output_distances(mean_outputs: torch.Tensor) -> torch.Tensor:
     return torch.cdist(features, features)
 
 
-def weight_distances(stacks: list[torch.Tensor]) -> torch.Tensor:
+# Columns of the experts' weights per Gram-matrix chunk: an (E, GRAM_CHUNK) float64 block (4 MiB at E=8)
+# instead of a float64 copy of a whole projection of every expert (1 GiB at Llama-3.2-1B's shape).
+GRAM_CHUNK = 1 << 16
+
+
+def weight_distances(stacks: Sequence[torch.Tensor | Sequence[torch.Tensor]]) -> torch.Tensor:
     """Return the (E, E) Euclidean distances between experts' flattened weights, from per-projection stacks.
 
-    Accumulates a Gram matrix one projection at a time, so no (E, 3*I*H) matrix is ever built.
+    Each element of `stacks` is one projection: a tensor (E, ...) or a sequence of E equal-shaped
+    tensors. The Gram matrix is accumulated in float64 over blocks of GRAM_CHUNK columns (X X^T per
+    block, the blocks spread over torch's threads, their sum in a fixed order, so the result does not
+    depend on the thread count); neither an (E, 3*I*H) matrix nor a whole float64 projection is built.
     """
-    experts = stacks[0].shape[0]
+    projections = [[expert.reshape(-1) for expert in stack] for stack in stacks]
+    experts = len(projections[0])
+    blocks = [(flats, start, end) for flats in projections for start, end in _blocks(flats[0].numel())]
+    grams = torch.empty(len(blocks), experts, experts, dtype=torch.float64)
+
+    def gram_blocks(part: int, parts: int) -> None:
+        buffer = torch.empty(experts * GRAM_CHUNK, dtype=torch.float64)
+        for index in range(part, len(blocks), parts):
+            flats, start, end = blocks[index]
+            block = buffer[: experts * (end - start)].view(experts, end - start)
+            for expert, flat in enumerate(flats):
+                block[expert].copy_(flat[start:end])
+            torch.matmul(block, block.T, out=grams[index])
+
+    parts = max(1, min(torch.get_num_threads(), len(blocks)))
+    with ThreadPoolExecutor(parts) as pool:
+        for done in [pool.submit(single_threaded(gram_blocks), part, parts) for part in range(parts)]:
+            done.result()
     gram = torch.zeros(experts, experts, dtype=torch.float64)
-    for stack in stacks:
-        flat = stack.reshape(experts, -1).double()
-        gram += flat @ flat.T
+    for block_gram in grams:  # in block order, whatever thread computed each
+        gram += block_gram
     squared = gram.diag().unsqueeze(0) + gram.diag().unsqueeze(1) - 2 * gram
     return squared.clamp_min(0).sqrt()
+
+
+def _blocks(numel: int) -> list[tuple[int, int]]:
+    return [(start, min(start + GRAM_CHUNK, numel)) for start in range(0, numel, GRAM_CHUNK)]
 
 
 def average_linkage(distances: torch.Tensor, groups: int) -> list[list[int]]:
