@@ -248,11 +248,14 @@ def test_update_rule_by_hand():
     torch.testing.assert_close(router.e_score_correction_bias, torch.tensor([0.3, 0.1, 0.1, 0.0]))
 
 
-def test_biases_get_no_gradient_and_no_optimizer_slot():
+def test_biases_get_no_gradient_and_no_optimizer_slot_and_recomputation_is_not_counted():
     from upcycle.training.config import TrainSection
     from upcycle.training.loop import make_optimizer
 
     model = skewed_glm4_moe()
+    # Its backward runs each layer's forward again, outside `recording`: the load counts once.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
     routers = biased_routers(model)
     assert [name for name, _ in routers] == ["model.layers.1.mlp.gate", "model.layers.2.mlp.gate"]
     optimizer = make_optimizer(model, TrainSection(weight_decay=0.1))
