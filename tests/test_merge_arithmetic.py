@@ -108,7 +108,8 @@ def random_case(seed: int) -> dict:
         return options[int(torch.randint(len(options), (1,), generator=generator))]
 
     experts_count = 1 + seed % 8
-    rows, columns = (int(n) for n in torch.randint(1, 400, (2,), generator=generator))  # up to ~10 chunks
+    largest = 6 if seed % 6 == 0 else 400  # a few elements, or up to ~10 chunks
+    rows, columns = (int(n) for n in torch.randint(1, largest, (2,), generator=generator))
     dtype, base_dtype = pick([torch.bfloat16, torch.float32]), pick([torch.bfloat16, torch.float32, torch.float64])
     experts = (0.02 * torch.randn(experts_count, rows, columns, generator=generator)).to(dtype)
     base = (0.02 * torch.randn(rows, columns, generator=generator)).to(base_dtype)
@@ -182,3 +183,19 @@ def test_weight_distances_match_the_whole_matrix_and_give_the_same_clusters(seed
         assert torch.allclose(distances, expected, rtol=1e-12, atol=1e-9)
         for groups in range(1, experts + 1):
             assert grouping.average_linkage(distances, groups) == grouping.average_linkage(expected, groups)
+
+
+@pytest.mark.parametrize("sampled", ["larger", "smaller"])
+def test_ties_thresholds_are_exact_when_the_sample_misleads(sampled, small_chunks, monkeypatch):
+    """The threshold search brackets the answer from an evenly spaced sample; here the sampled entries are
+    larger (or smaller) than all the others, so the bracket misses and the second pass must find it."""
+    monkeypatch.setattr(methods, "_SAMPLE", 100)
+    generator = torch.Generator().manual_seed(5)
+    experts, base = 0.01 * torch.randn(3, 300, 7, generator=generator), torch.zeros(300, 7)
+    sampled_entries = experts.view(3, -1)[:, :: 300 * 7 // 100]
+    sampled_entries.mul_(1000.0 if sampled == "larger" else 0.001)
+    coefficients = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    for density in (0.2, 0.5, 0.9):
+        assert bits(methods.ties(experts, base, coefficients, density)) == bits(
+            reference_ties(experts, base, coefficients, density, 1.0)
+        )

@@ -2,12 +2,13 @@
 
 Llama-3.2-1B upcycled to 8 experts: each projection of one expert is a (8192, 2048) bfloat16 tensor, the base
 (dense) FFN's too. Times `ties`, `dare`, `task_arithmetic` and `weighted_mean` of upcycle/merging/methods.py
-against the same functions at a git revision (default HEAD, loaded from `git show`), alternating old and new
+against the same functions at a git revision (default f8d7acc~1, the last before they were
+threaded; loaded from `git show`), alternating old and new
 `--repeats` times in this one process, and checks that both give the same bits. Also times
 `grouping.weight_distances` on the three projections (old and new: the same groups is checked in the tests).
 Prints, per method, the best wall and CPU (process) seconds per projection and the old/new ratios.
 
-    python scripts/bench/merge_methods.py [--old-ref HEAD] [--repeats 3] [--skip-old ties]
+    python scripts/bench/merge_methods.py [--old-ref f8d7acc~1] [--repeats 3] [--skip-old ties]
 
 Wall time is noisy on a shared machine: CPU seconds count both threads, so new CPU > new wall means the
 threads ran in parallel. Disk limit reference: 48 projections at ~16 s in all is ~0.33 s per projection.
@@ -55,7 +56,7 @@ def timed(function: Callable[..., torch.Tensor], *args: object) -> tuple[float, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--old-ref", default="HEAD", help="git revision of the old methods.py (default HEAD)")
+    parser.add_argument("--old-ref", default="f8d7acc~1", help="git revision of the old methods (default f8d7acc~1)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-old", nargs="*", default=[], help="methods whose old version is not timed")
     args = parser.parse_args()

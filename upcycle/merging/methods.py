@@ -157,41 +157,55 @@ def task_arithmetic(
     return merged.view(shape)
 
 
-# Elements per chunk of the threshold pass: one bincount call per chunk, whose 2^15-bin output is zeroed and added
-# to the running counts, a cost that a larger chunk spreads thinner.
-THRESHOLD_CHUNK = 1 << 17
-_HIGH_BINS = 1 << 15
+# Elements per chunk of the threshold pass: a float32 chunk and numpy's temporaries stay in the L2 cache.
+THRESHOLD_CHUNK = 1 << 16
+# Magnitudes sampled (evenly spaced) to bracket the threshold, and the bracket's half-width in standard deviations
+# of the sample's rank: a miss (about 1e-4 per expert at 4) costs one more pass, never a wrong answer.
+_SAMPLE = 1 << 16
+_MARGIN = 4.0
 
 
-def _kth_smallest_magnitude(expert: torch.Tensor, base: torch.Tensor, k: int, high: torch.Tensor) -> torch.Tensor:
-    """Return the k-th smallest (1-based) of |float32(expert) - base| as a 0-d float32 tensor: the value
-    `kthvalue(k)` of the magnitudes gives. `expert` and the float32 `base` are flat and of equal length;
-    `high` is an int16 scratch tensor as long, reused from expert to expert (a fresh one costs ~1.5 ns per
-    element in page faults).
+def _magnitudes(expert: torch.Tensor, base: torch.Tensor) -> Iterator[np.ndarray]:
+    """Yield |float32(expert) - base| chunk by chunk, as numpy views of one reused float32 buffer."""
+    buffer = torch.empty(THRESHOLD_CHUNK, dtype=torch.float32)
+    for start, end in _chunks(0, base.numel(), THRESHOLD_CHUNK):
+        yield buffer[: end - start].copy_(expert[start:end]).sub_(base[start:end]).abs_().numpy()
 
-    A radix select on the bits (non-negative IEEE floats order as their bit patterns do): a histogram of
-    the upper 16 bits, built chunk by chunk without materialising the magnitudes, finds the bin of the
-    answer; the few elements in that bin are gathered and recomputed, and kthvalue picks among them.
-    Measured per element: bincount 1-1.7 ns, the magnitude and its upper bits 0.6 ns; kthvalue on
-    everything 44 ns; finding the bin's elements with torch's eq + nonzero 2.4 ns, with numpy's 0.4 ns.
+
+def _between(expert: torch.Tensor, base: torch.Tensor, low: float, high: float) -> tuple[int, np.ndarray]:
+    """Return (how many magnitudes are below `low`, the magnitudes in [low, high]) in one chunked pass."""
+    below, inside = 0, []
+    for magnitude in _magnitudes(expert, base):
+        below += int(np.count_nonzero(magnitude < low))
+        inside.append(magnitude[(magnitude >= low) & (magnitude <= high)])
+    return below, np.concatenate(inside)
+
+
+def _kth_smallest_magnitude(expert: torch.Tensor, base: torch.Tensor, k: int) -> float:
+    """Return the k-th smallest (1-based) of |float32(expert) - base|: the value `kthvalue(k)` of the
+    magnitudes gives. `expert` and the float32 `base` are flat and of equal length.
+
+    The magnitudes are never materialised: an evenly spaced sample brackets the answer, one chunked pass
+    counts the magnitudes below the bracket and keeps those inside (about 1.6%), and np.partition picks
+    among them; if the answer lies outside, a second pass over that side finds it. Measured per element:
+    0.35 ns for the magnitude, ~0.5 ns for numpy's comparisons; the radix select it replaced (bincount of
+    the upper 16 bits, then the bin's members) took ~2.5 ns, torch.kthvalue 44 ns.
     """
     numel = base.numel()
-    counts = torch.zeros(_HIGH_BINS, dtype=torch.int64)
-    buffer = torch.empty(THRESHOLD_CHUNK, dtype=torch.float32)
-    for start, end in _chunks(0, numel, THRESHOLD_CHUNK):
-        magnitude = buffer[: end - start]
-        magnitude.copy_(expert[start:end]).sub_(base[start:end]).abs_()
-        torch.bitwise_right_shift(magnitude.view(torch.int32), 16, out=high[start:end])
-        counts += torch.bincount(high[start:end], minlength=_HIGH_BINS)
-    cumulative = counts.cumsum(0)
-    bin_high = int(torch.searchsorted(cumulative, k))
-    below = int(cumulative[bin_high - 1]) if bin_high else 0
-    bits, flags, members = high.numpy(), np.empty(THRESHOLD_CHUNK, dtype=bool), []
-    for start, end in _chunks(0, numel, THRESHOLD_CHUNK):
-        members.append(np.flatnonzero(np.equal(bits[start:end], bin_high, out=flags[: end - start])) + start)
-    index = torch.from_numpy(np.concatenate(members))
-    candidates = (expert[index].float() - base[index]).abs_()
-    return candidates.kthvalue(k - below).values
+    stride = max(1, numel // _SAMPLE)
+    sample = (expert[::stride].float() - base[::stride]).abs_().numpy()
+    rank, spread = k / numel * len(sample), _MARGIN * (len(sample) * k / numel * (1 - k / numel)) ** 0.5 + 8
+    first, last = int(rank - spread), int(rank + spread) + 1  # 0-based positions in the sorted sample
+    positions = [position for position in (first, last) if 0 <= position < len(sample)]
+    ordered = np.partition(sample, positions) if positions else sample
+    low = float(ordered[first]) if first >= 0 else 0.0
+    high = float(ordered[last]) if last < len(sample) else float("inf")
+    below, inside = _between(expert, base, low, high)
+    if k <= below:  # below the bracket: among the magnitudes < low
+        below, inside = _between(expert, base, 0.0, float(np.nextafter(np.float32(low), np.float32(0))))
+    elif k > below + len(inside):  # above it
+        below, inside = _between(expert, base, float(np.nextafter(np.float32(high), np.float32(np.inf))), np.inf)
+    return float(np.partition(inside, k - below - 1)[k - below - 1])
 
 
 def _trim_bounds(flats: list[torch.Tensor], base: torch.Tensor, keep: int) -> list[float | None]:
@@ -199,18 +213,13 @@ def _trim_bounds(flats: list[torch.Tensor], base: torch.Tensor, keep: int) -> li
     |x| > bound (hardshrink's test) is |x| >= that magnitude; None where it is 0 (everything survives)."""
     k = base.numel() - keep + 1
     parts = min(torch.get_num_threads(), len(flats))
-    thresholds: list[torch.Tensor] = [torch.zeros(())] * len(flats)
-
-    def select(part: int) -> None:
-        high = torch.empty(base.numel(), dtype=torch.int16)
-        for expert in range(part, len(flats), parts):
-            thresholds[expert] = _kth_smallest_magnitude(flats[expert], base, k, high)
-
     with ThreadPoolExecutor(parts) as pool:
-        for done in [pool.submit(single_threaded(select), part) for part in range(parts)]:
-            done.result()
-    zero = torch.zeros((), dtype=torch.float32)
-    return [float(torch.nextafter(threshold, zero)) if threshold > 0 else None for threshold in thresholds]
+        thresholds = list(
+            pool.map(single_threaded(_kth_smallest_magnitude), flats, [base] * len(flats), [k] * len(flats))
+        )
+    return [
+        float(np.nextafter(np.float32(threshold), np.float32(0))) if threshold > 0 else None for threshold in thresholds
+    ]
 
 
 def ties(
