@@ -62,14 +62,16 @@ def _chunks(start: int, end: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 def single_threaded(work: Callable[..., T]) -> Callable[..., T]:
-    """Return `work` wrapped to run with one torch thread in the calling (worker) thread.
+    """Return `work` wrapped to run with one torch thread in the (worker) thread that calls it.
 
     torch's thread count is per thread under OpenMP; a worker left at the process's count would
-    fork its own thread team for every large operation and oversubscribe the cores.
+    fork its own thread team for every large operation and oversubscribe the cores. Setting it also
+    sets the count that threads started later begin with, so the wrapper puts back the count of the
+    thread that wrapped `work` (a worker's own count may already read 1 when another worker set it).
     """
+    threads = torch.get_num_threads()
 
     def run(*args: object) -> T:
-        threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             return work(*args)
@@ -83,8 +85,9 @@ def _in_parallel(work: Callable[[int, int], None], numel: int) -> None:
     """Run `work(start, end)` over range(numel) split into one contiguous span per torch thread, each span in its
     own Python thread with one torch thread (torch releases the GIL inside its operations).
 
-    Measured: the elementwise passes below are each op a few us on cache-resident chunks, too small for torch's
-    own intra-op threads; two spans on two cores take ~half the wall time of one.
+    The operations on cache-resident chunks take a few us each, too small for torch's own intra-op threads to
+    pay off. Measured on a real-shaped projection (scripts/bench/merge_methods.py), ties used 1.27 s of CPU in
+    0.91 s of wall time on two cores that other processes were also using.
     """
     workers = min(torch.get_num_threads(), -(-numel // CHUNK))
     if workers <= 1:
@@ -231,9 +234,9 @@ def ties(
 ) -> torch.Tensor:
     """Return the TIES merge (trim to `density`, elect sign, disjoint weighted mean) added to `base` (float32).
 
-    The trim threshold of each expert needs all its task vector at once (one expert per thread at a
-    time); the sign election and the merge are then done chunk by chunk across the experts, with the
-    same operations per element as on the whole (E, N) task-vector matrix (the same bits).
+    The trim threshold of each expert needs all its task vector (one expert per thread at a time); the
+    sign election and the merge are then done chunk by chunk across the experts, with the operations per
+    element, and the chunks, of the whole-matrix code this replaced (the same bits: see CHUNK).
 
     Raises:
         ValueError: a coefficient is negative.
@@ -273,7 +276,7 @@ def ties(
             torch.sum(agrees.mul_(weights), 0, out=denominator)
             # Where the denominator (a sum of non-negative weights) is 0, every agreeing weight is 0, so the
             # numerator is +0 and so is +0 / 1e-30: the 0 that torch.where(denominator > 0, ..., 0) put there
-            # (which cost 15% of this loop: a bool mask is slow to build).
+            # (which cost ~9% of this loop: torch builds a bool mask at ~1 ns per element, 8x a float op).
             chunk = numerator.div_(denominator.clamp_min_(1e-30))
             torch.add(base_chunk, chunk if scale == 1.0 else chunk.mul_(scale), out=merged[first:last])  # 1.0 * x is x
 
