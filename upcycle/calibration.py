@@ -234,6 +234,95 @@ def _fused_expert_output_sums(experts: torch.nn.Module, hidden: torch.Tensor, ac
     return torch.stack(sums)
 
 
+class RoutingRecorder:
+    """Forward pre-hooks on a model's MoE blocks that accumulate `RoutingStatistics` per MoE layer.
+
+    Used as a context manager (the hooks are removed on exit) by whatever drives the model: set
+    `mask` (the flat attention mask of the batch) before each batch goes through a block. Routing
+    is recomputed from the probe's router weight (softmax over experts, top-k, renormalised when
+    `normalize_top_k`), as Mixtral, Qwen-MoE, GraniteMoE and FlexOlmo route. Only running sums are
+    kept. With `expert_outputs`, every expert is also applied to every token (HC-SMoE's output
+    features; E times the FFN compute).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layers: dict[int, MoELayerProbe],
+        top_k: int,
+        normalize_top_k: bool = True,
+        expert_outputs: bool = False,
+    ):
+        from transformers.activations import ACT2FN
+
+        self.model = model
+        self.layers = layers
+        self.top_k = top_k
+        self.normalize_top_k = normalize_top_k
+        self.expert_outputs = expert_outputs
+        self.act = ACT2FN[getattr(model.config, "hidden_act", "silu")]
+        self.mask = torch.ones(0, dtype=torch.bool)
+        self.stats: dict[int, RoutingStatistics] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> RoutingRecorder:
+        """Install the hooks and return the recorder.
+
+        Raises:
+            UpcycleError: a probe names a module the model does not have.
+        """
+        for layer, probe in self.layers.items():
+            try:
+                block = self.model.get_submodule(probe.block)
+            except AttributeError:
+                self.__exit__()
+                raise UpcycleError(f"the loaded model has no MoE block {probe.block!r}") from None
+            self._handles.append(block.register_forward_pre_hook(self._hook_for(layer, probe)))
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook_for(self, layer: int, probe: MoELayerProbe):
+        num_experts = probe.router_weight.shape[0]
+        self.stats[layer] = RoutingStatistics(
+            tokens=0,
+            selection_counts=torch.zeros(num_experts, dtype=torch.float64),
+            probability_sum=torch.zeros(num_experts, dtype=torch.float64),
+            weight_sum=torch.zeros(num_experts, dtype=torch.float64),
+            shared_gate_sum=0.0 if probe.shared_gate_weight is not None else None,
+            expert_output_sum=(
+                torch.zeros(num_experts, probe.router_weight.shape[1], dtype=torch.float64)
+                if self.expert_outputs
+                else None
+            ),
+        )
+
+        @torch.no_grad()
+        def hook(module, args):
+            hidden = args[0].reshape(-1, args[0].shape[-1])[self.mask.to(args[0].device)]
+            record = self.stats[layer]
+            logits = torch.nn.functional.linear(hidden, probe.router_weight.to(hidden.device, hidden.dtype))
+            probabilities = torch.softmax(logits.float(), dim=-1)
+            top_weights, top_index = torch.topk(probabilities, self.top_k, dim=-1)
+            if self.normalize_top_k:
+                top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+            weights = torch.zeros_like(probabilities).scatter_(1, top_index, top_weights)
+            record.tokens += hidden.shape[0]
+            record.selection_counts += torch.bincount(top_index.reshape(-1).cpu(), minlength=num_experts).double()
+            record.probability_sum += probabilities.sum(0).double().cpu()
+            record.weight_sum += weights.sum(0).double().cpu()
+            if probe.shared_gate_weight is not None:
+                gate = torch.nn.functional.linear(hidden, probe.shared_gate_weight.to(hidden.device, hidden.dtype))
+                record.shared_gate_sum += torch.sigmoid(gate.float()).sum().item()
+            if self.expert_outputs:
+                record.expert_output_sum += _fused_expert_output_sums(module.experts, hidden, self.act).cpu()
+
+        return hook
+
+
 @torch.no_grad()
 def collect_routing_statistics(
     model: torch.nn.Module,
@@ -245,70 +334,16 @@ def collect_routing_statistics(
     total: int | None = None,
     quiet: bool = False,
 ) -> dict[int, RoutingStatistics]:
-    """Run `batches` through `model` once and return routing statistics per MoE layer.
+    """Run `batches` through `model` once and return routing statistics per MoE layer (`RoutingRecorder`).
 
-    Forward pre-hooks on each MoE block read the routed hidden states; routing is recomputed from
-    the probe's router weight (softmax over experts, top-k, renormalised when `normalize_top_k`),
-    as Mixtral, Qwen-MoE, GraniteMoE and FlexOlmo route. Only running sums are kept, so memory is
-    one batch of activations whatever the data size. With `expert_outputs`, every expert is also
-    applied to every token (HC-SMoE's output features; E times the FFN compute).
+    Memory is one batch of activations whatever the data size.
 
     Raises:
         UpcycleError: a probe names a module the model does not have.
     """
-    from transformers.activations import ACT2FN
-
-    act = ACT2FN[getattr(model.config, "hidden_act", "silu")]
-    stats: dict[int, RoutingStatistics] = {}
-    state: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def hook_for(layer: int, probe: MoELayerProbe):
-        num_experts = probe.router_weight.shape[0]
-        stats[layer] = RoutingStatistics(
-            tokens=0,
-            selection_counts=torch.zeros(num_experts, dtype=torch.float64),
-            probability_sum=torch.zeros(num_experts, dtype=torch.float64),
-            weight_sum=torch.zeros(num_experts, dtype=torch.float64),
-            shared_gate_sum=0.0 if probe.shared_gate_weight is not None else None,
-            expert_output_sum=(
-                torch.zeros(num_experts, probe.router_weight.shape[1], dtype=torch.float64) if expert_outputs else None
-            ),
-        )
-
-        def hook(module, args):
-            hidden = args[0].reshape(-1, args[0].shape[-1])[state["mask"].to(args[0].device)]
-            record = stats[layer]
-            logits = torch.nn.functional.linear(hidden, probe.router_weight.to(hidden.device, hidden.dtype))
-            probabilities = torch.softmax(logits.float(), dim=-1)
-            top_weights, top_index = torch.topk(probabilities, top_k, dim=-1)
-            if normalize_top_k:
-                top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
-            weights = torch.zeros_like(probabilities).scatter_(1, top_index, top_weights)
-            record.tokens += hidden.shape[0]
-            record.selection_counts += torch.bincount(top_index.reshape(-1).cpu(), minlength=num_experts).double()
-            record.probability_sum += probabilities.sum(0).double().cpu()
-            record.weight_sum += weights.sum(0).double().cpu()
-            if probe.shared_gate_weight is not None:
-                gate = torch.nn.functional.linear(hidden, probe.shared_gate_weight.to(hidden.device, hidden.dtype))
-                record.shared_gate_sum += torch.sigmoid(gate.float()).sum().item()
-            if expert_outputs:
-                record.expert_output_sum += _fused_expert_output_sums(module.experts, hidden, act).cpu()
-
-        return hook
-
-    for layer, probe in layers.items():
-        try:
-            block = model.get_submodule(probe.block)
-        except AttributeError:
-            raise UpcycleError(f"the loaded model has no MoE block {probe.block!r}") from None
-        handles.append(block.register_forward_pre_hook(hook_for(layer, probe)))
     device = next(model.parameters()).device
-    try:
+    with RoutingRecorder(model, layers, top_k, normalize_top_k, expert_outputs) as recorder:
         for batch in progress(batches, total=total, desc="calibration", unit="batch", quiet=quiet):
-            state["mask"] = batch["attention_mask"].reshape(-1).bool()
+            recorder.mask = batch["attention_mask"].reshape(-1).bool()
             model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return stats
+    return recorder.stats

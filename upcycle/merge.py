@@ -26,10 +26,10 @@ from upcycle.checkpoint import (
 from upcycle.errors import UpcycleError, flag
 from upcycle.families.configs import build_dense_config
 from upcycle.merging.base import BaseFFN
-from upcycle.merging.calibrate import calibrate
+from upcycle.merging.calibrate import LayerwiseCalibration
 from upcycle.merging.card import write_merge_card
 from upcycle.merging.methods import DEFAULT_DENSITY, METHODS, NEEDS_CALIBRATION, TASK_VECTOR_METHODS
-from upcycle.merging.plan import MergePlan, plan_merge
+from upcycle.merging.plan import MergePlan, expert_stream, plan_merge
 from upcycle.merging.source import MoESource, moe_config_object, open_moe
 from upcycle.options import check_count, check_real
 from upcycle.rng import SEED_SCHEME
@@ -187,9 +187,15 @@ def merge(
     base_ffn = BaseFFN(moe, None if base is None else str(base), method) if method in TASK_VECTOR_METHODS else None
     density = density if density is not None else DEFAULT_DENSITY.get(method, 1.0)
     texts = load_calibration_texts(calibration, calibration_samples) if calibration is not None else None
-    stats = calibrate(moe, texts, experts is not None, max_length, batch_size, quiet) if texts is not None else {}
+    stream = expert_stream(moe, calibrating=texts is not None)
+    stats = (
+        LayerwiseCalibration(moe, texts, experts is not None, max_length, batch_size, stream)
+        if texts is not None
+        else {}
+    )
     plan = MergePlan(
         moe=moe,
+        stream=stream,
         method=method,
         experts_out=experts,
         stats=stats,
@@ -203,7 +209,7 @@ def merge(
         {
             "data": str(calibration),
             "samples": len(texts),
-            "tokens": next(iter(stats.values())).tokens if stats else 0,
+            "tokens": stats.tokens,
             "max_length": max_length,
         }
         if texts is not None

@@ -11,6 +11,7 @@ from upcycle.checkpoint.formats import (
     parse_dtype,
 )
 from upcycle.checkpoint.output import atomic_output_dir, check_output_dir
+from upcycle.checkpoint.prefetch import TensorStream
 from upcycle.checkpoint.read import LazyTensors, SourceCheckpoint, open_checkpoint
 from upcycle.checkpoint.write import (
     PlannedTensor,
@@ -35,6 +36,7 @@ __all__ = [
     "SourceCheckpoint",
     "StreamingWriter",
     "TensorSpec",
+    "TensorStream",
     "atomic_output_dir",
     "check_free_space",
     "check_output_dir",

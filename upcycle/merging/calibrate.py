@@ -1,55 +1,82 @@
-"""Calibration for `upcycle merge`: run the MoE once over text and record each MoE layer's routing."""
+"""Calibration for `upcycle merge`: run the MoE over text and record each MoE layer's routing.
+
+The MoE runs one decoder layer at a time (`upcycle.merging.layerwise`), in step with the merge:
+the merge of layer L asks for layer L's statistics, which runs every batch through the layers up
+to L; the experts loaded for that are then merged from memory. Peak memory is one layer's
+experts, and the MoE is read once for calibration and merge together.
+"""
 
 from __future__ import annotations
 
-from upcycle.calibration import MoELayerProbe, RoutingStatistics, calibration_batches, collect_routing_statistics
+import torch
+
+from upcycle.calibration import MoELayerProbe, RoutingRecorder, RoutingStatistics, calibration_batches
+from upcycle.checkpoint import TensorStream
 from upcycle.errors import UpcycleError
+from upcycle.merging.layerwise import LayerwiseModel
 from upcycle.merging.source import MoESource
-from upcycle.progress import progress_bars
 
 
-def calibrate(
-    moe: MoESource, texts: list[str], expert_outputs: bool, max_length: int, batch_size: int, quiet: bool
-) -> dict[int, RoutingStatistics]:
-    """Run the MoE over `texts` once and return routing statistics per MoE layer.
+class LayerwiseCalibration:
+    """Routing statistics of a MoE's layers over calibration texts, computed when first asked for."""
 
-    `expert_outputs` also records every expert's mean output (what HC-SMoE groups experts by).
+    def __init__(
+        self,
+        moe: MoESource,
+        texts: list[str],
+        expert_outputs: bool,
+        max_length: int,
+        batch_size: int,
+        stream: TensorStream,
+    ):
+        """Tokenize `texts` and prepare the layer-wise run (`expert_outputs`: also every expert's mean output,
+        what HC-SMoE groups experts by).
 
-    Raises:
-        UpcycleError: the checkpoint has no tokenizer that loads.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        Raises:
+            UpcycleError: the checkpoint has no tokenizer that loads, or the tokenizer gives ids
+                outside the model's vocabulary.
+        """
+        from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(moe.checkpoint.path)
-    except (OSError, ValueError) as err:
-        raise UpcycleError(
-            f"calibration needs a tokenizer and {moe.name} has none that loads ({str(err).splitlines()[0]}); "
-            "save one next to the weights"
-        ) from None
-    with progress_bars(not quiet):
-        model = AutoModelForCausalLM.from_pretrained(moe.checkpoint.path, dtype="auto")
-    model.eval()
-    probes = {
-        layer: MoELayerProbe(moe.module_name(layer), moe.router(layer), moe.shared_gate(layer))
-        for layer in moe.moe_layers
-    }
-    batches = calibration_batches(
-        tokenizer,
-        texts,
-        max_length=max_length,
-        batch_size=batch_size,
-        vocab_size=int(model.get_input_embeddings().num_embeddings),
-    )
-    stats = collect_routing_statistics(
-        model,
-        batches,
-        probes,
-        top_k=moe.top_k,
-        normalize_top_k=bool(moe.config.get("norm_topk_prob", True)),
-        expert_outputs=expert_outputs,
-        total=-(-len(texts) // batch_size),
-        quiet=quiet,
-    )
-    del model
-    return stats
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(moe.checkpoint.path)
+        except (OSError, ValueError) as err:
+            raise UpcycleError(
+                f"calibration needs a tokenizer and {moe.name} has none that loads ({str(err).splitlines()[0]}); "
+                "save one next to the weights"
+            ) from None
+        vocab_size = int(moe.config["vocab_size"])
+        batches = list(calibration_batches(tokenizer, texts, max_length, batch_size, vocab_size))
+        self.tokens = int(sum(int(batch["attention_mask"].sum()) for batch in batches))
+        self._moe = moe
+        self._runner = LayerwiseModel(moe, batches, self._set_mask, stream)
+        probes = {
+            layer: MoELayerProbe(moe.module_name(layer), moe.router(layer), moe.shared_gate(layer))
+            for layer in moe.moe_layers
+        }
+        self._recorder = RoutingRecorder(
+            self._runner.model,
+            probes,
+            top_k=moe.top_k,
+            normalize_top_k=bool(moe.config.get("norm_topk_prob", True)),
+            expert_outputs=expert_outputs,
+        )
+        self._recorder.__enter__()
+        self._done = -1
+
+    def _set_mask(self, batch: dict[str, torch.Tensor]) -> None:
+        self._recorder.mask = batch["attention_mask"].reshape(-1).bool()
+
+    def get(self, layer: int) -> RoutingStatistics:
+        """Return the statistics of MoE layer `layer`, running the layers up to it first if needed
+        (the merge's own progress bar advances meanwhile: calibration is part of each layer's merge)."""
+        if layer > self._done:
+            self._runner.advance(layer)
+            self._done = layer
+            if layer >= max(self._moe.moe_layers):
+                self._recorder.__exit__()
+        return self._recorder.stats[layer]
+
+    def experts(self, layer: int, projection: str) -> list[torch.Tensor]:
+        """Return `projection` of every routed expert of `layer` (the layer last run), from memory."""
+        return self._runner.experts(layer, projection)

@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 import torch
 
 from upcycle.calibration import RoutingStatistics
-from upcycle.checkpoint import PlannedTensor, TensorSpec
+from upcycle.checkpoint import PlannedTensor, TensorSpec, TensorStream
 from upcycle.errors import UpcycleError
 from upcycle.merging import methods
 from upcycle.merging.base import BaseFFN
+from upcycle.merging.calibrate import LayerwiseCalibration
 from upcycle.merging.grouping import average_linkage, output_distances, weight_distances
+from upcycle.merging.layerwise import expert_tensor_order
 from upcycle.merging.source import PROJECTIONS, MoESource
 from upcycle.rng import derived_generator
 
@@ -37,29 +39,24 @@ class MergePlan:
 
     `experts_out` None merges each MoE layer into one dense FFN, K into K experts. The layer
     computations record the expert weights and groups they used in `expert_weights` and `groups`.
+    Experts are read through `stream` (`expert_stream`), or come from the layer-wise calibration
+    run when `stats` is one (`LayerwiseCalibration`), which loaded them already.
     """
+
+    def __post_init__(self) -> None:
+        self._fused_gate_up: torch.Tensor | None = None
 
     moe: MoESource
     method: str
     experts_out: int | None
-    stats: dict[int, RoutingStatistics]
+    stats: dict[int, RoutingStatistics] | LayerwiseCalibration
     base: BaseFFN | None
     density: float
     scale: float
     seed: int
+    stream: TensorStream
     expert_weights: dict[int, list[float]] = field(default_factory=dict)
     groups: dict[int, list[list[int]]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        tensors = self.moe.checkpoint.tensors
-        first_layer = self.expert_names(self.moe.moe_layers[0])
-        layer_bytes = sum(
-            math.prod(tensors.shape(name)) * tensors.dtype(name).itemsize
-            for name in dict.fromkeys(n for p in PROJECTIONS for n in _as_list(first_layer[p]))
-        )
-        # Read at most two projections of a layer ahead of the one being merged.
-        self._stream = tensors.stream(budget=2 * layer_bytes // 3)
-        self._fused_gate_up: torch.Tensor | None = None
 
     def dense_width(self) -> int:
         """Return the FFN width of the dense output: one expert's (all experts' for concat) plus the shared expert's."""
@@ -124,19 +121,21 @@ class MergePlan:
         """Queue the experts of the first MoE layer after `after` (-1: the first) for reading ahead, in the
         order they are used (gate, up, down), so the disk reads them while this layer is computed."""
         following = [layer for layer in self.moe.moe_layers if layer > after]
-        if following:
-            names = self.expert_names(following[0])
-            self._stream.request(dict.fromkeys(n for p in PROJECTIONS for n in _as_list(names[p])))
+        if following and not isinstance(self.stats, LayerwiseCalibration):  # which reads its own
+            self.stream.request(expert_tensor_order(self.moe, following[0]))
 
     def projection_experts(self, layer: int, projection: str) -> list[torch.Tensor]:
         """Return that projection of every routed expert of `layer`, as read (views of a fused tensor)."""
+        if isinstance(self.stats, LayerwiseCalibration):
+            self.stats.get(layer)  # runs the layer, which loads its experts
+            return self.stats.experts(layer, projection)
         names = self.expert_names(layer)[projection]
         if isinstance(names, list):
-            return [self._stream.take(name) for name in names]
+            return [self.stream.take(name) for name in names]
         if projection == "down":
-            return list(self._stream.take(names))
+            return list(self.stream.take(names))
         if projection == "gate":  # gate and up are the halves of one fused tensor: read it once
-            self._fused_gate_up = self._stream.take(names)
+            self._fused_gate_up = self.stream.take(names)
         gate_up, size = self._fused_gate_up, self.moe.expert_size
         if projection == "up":
             self._fused_gate_up = None
@@ -254,8 +253,15 @@ class MergePlan:
         return tensors
 
 
-def _as_list(names: str | list[str]) -> list[str]:
-    return names if isinstance(names, list) else [names]
+def expert_stream(moe: MoESource, calibrating: bool) -> TensorStream:
+    """Return the stream that reads `moe`'s experts ahead of the merge: at most two projections of a layer
+    ahead, or half of one when `calibrating` (the layer-wise run then also holds a whole layer)."""
+    tensors = moe.checkpoint.tensors
+    layer_bytes = sum(
+        math.prod(tensors.shape(name)) * tensors.dtype(name).itemsize
+        for name in expert_tensor_order(moe, moe.moe_layers[0])
+    )
+    return tensors.stream(budget=layer_bytes // 6 if calibrating else 2 * layer_bytes // 3)
 
 
 class _StackedOnRead(Sequence):

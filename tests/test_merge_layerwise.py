@@ -1,0 +1,78 @@
+"""Layer-wise calibration (`upcycle.merging.layerwise`): the MoE run one decoder layer at a time gives the
+same routing statistics, bit for bit, as the whole model loaded in transformers."""
+
+import pytest
+import torch
+from tiny_models import DENSE_CASES
+from transformers import AutoModelForCausalLM
+
+from upcycle.calibration import MoELayerProbe, RoutingRecorder, collect_routing_statistics
+from upcycle.convert import convert
+from upcycle.merging.layerwise import LayerwiseModel
+from upcycle.merging.plan import expert_stream
+from upcycle.merging.source import open_moe
+
+CASES = [(case, None, "all") for case in DENSE_CASES] + [
+    ("llama-gqa", "fused", "all"),
+    ("qwen2", "fused", "all"),
+    ("qwen2", None, "1"),  # layer 0 stays dense inside the MoE
+]
+
+
+def batches() -> list[dict[str, torch.Tensor]]:
+    """Two batches of random ids, right-padded (the calibration tokenizer pads right)."""
+    generator = torch.Generator().manual_seed(3)
+    result = []
+    for lengths in ((9, 5, 9), (7, 2)):
+        ids = torch.randint(3, 97, (len(lengths), max(lengths)), generator=generator)
+        mask = (torch.arange(max(lengths)) < torch.tensor(lengths).unsqueeze(1)).long()
+        result.append({"input_ids": ids * mask, "attention_mask": mask})
+    return result
+
+
+@pytest.mark.parametrize(("case", "layout", "moe_layers"), CASES, ids=[f"{c}-{lay}-{m}" for c, lay, m in CASES])
+def test_layerwise_statistics_equal_the_whole_model_bitwise(dense_models, tmp_path, case, layout, moe_layers):
+    convert(
+        dense_models[case],
+        tmp_path / "moe",
+        experts=3,
+        top_k=2,
+        method="drop",  # distinct experts, so expert outputs tell them apart
+        layout=layout,
+        moe_layers=moe_layers,
+        quiet=True,
+    )
+    moe = open_moe(tmp_path / "moe")
+    probes = {
+        layer: MoELayerProbe(moe.module_name(layer), moe.router(layer), moe.shared_gate(layer))
+        for layer in moe.moe_layers
+    }
+    options = dict(top_k=moe.top_k, normalize_top_k=True, expert_outputs=True)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype="auto")
+    expected = collect_routing_statistics(model, batches(), probes, quiet=True, **options)
+
+    recorder_box = []
+    runner = LayerwiseModel(
+        moe,
+        batches(),
+        lambda batch: setattr(recorder_box[0], "mask", batch["attention_mask"].reshape(-1).bool()),
+        expert_stream(moe, calibrating=True),
+    )
+    with RoutingRecorder(runner.model, probes, **options) as recorder:
+        recorder_box.append(recorder)
+        runner.advance(max(moe.moe_layers))
+
+    assert expected.keys() == recorder.stats.keys() == set(moe.moe_layers)
+    for layer, want in expected.items():
+        got = recorder.stats[layer]
+        assert got.tokens == want.tokens == 9 + 5 + 9 + 7 + 2
+        for field in ("selection_counts", "probability_sum", "weight_sum", "expert_output_sum"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), (layer, field)
+        assert got.shared_gate_sum == want.shared_gate_sum
+    # The last layer's experts stay in memory for the merge, as transformers holds them.
+    last = max(moe.moe_layers)
+    experts = dict(model.get_submodule(moe.module_name(last)).experts.named_parameters())
+    size = moe.expert_size
+    assert torch.equal(torch.stack(runner.experts(last, "gate")), experts["gate_up_proj"][:, :size])
+    assert torch.equal(torch.stack(runner.experts(last, "up")), experts["gate_up_proj"][:, size:])
+    assert torch.equal(torch.stack(runner.experts(last, "down")), experts["down_proj"])
