@@ -40,15 +40,28 @@ def weight_distances(stacks: Sequence[torch.Tensor | Sequence[torch.Tensor]]) ->
     The sums are not added in the order of one whole-matrix product (MKL's), so the last bits differ
     from that: ~1e-13 relative at Llama-3.2-1B's shape, with the same groups (tests/test_merge_arithmetic.py).
     """
-    projections = [[expert.reshape(-1) for expert in stack] for stack in stacks]
-    experts = len(projections[0])
-    blocks = [(flats, start, end) for flats in projections for start, end in _blocks(flats[0].numel())]
+    grams = []
+    for projection in range(len(stacks)):  # one at a time: a sequence may build each stack when indexed
+        grams.append(_block_grams([expert.reshape(-1) for expert in stacks[projection]]))
+    experts = grams[0].shape[1]
+    gram = torch.zeros(experts, experts, dtype=torch.float64)
+    for block_gram in torch.cat(grams):  # in block order, whatever thread computed each
+        gram += block_gram
+    squared = gram.diag().unsqueeze(0) + gram.diag().unsqueeze(1) - 2 * gram
+    return squared.clamp_min(0).sqrt()
+
+
+def _block_grams(flats: list[torch.Tensor]) -> torch.Tensor:
+    """Return X X^T in float64 for each block of GRAM_CHUNK columns of X = the flat experts `flats` stacked,
+    (blocks, E, E), the blocks dealt round-robin to torch's threads."""
+    experts, numel = len(flats), flats[0].numel()
+    blocks = [(start, min(start + GRAM_CHUNK, numel)) for start in range(0, numel, GRAM_CHUNK)]
     grams = torch.empty(len(blocks), experts, experts, dtype=torch.float64)
 
-    def gram_blocks(part: int, parts: int) -> None:
+    def some_blocks(part: int, parts: int) -> None:
         buffer = torch.empty(experts * GRAM_CHUNK, dtype=torch.float64)
         for index in range(part, len(blocks), parts):
-            flats, start, end = blocks[index]
+            start, end = blocks[index]
             block = buffer[: experts * (end - start)].view(experts, end - start)
             for expert, flat in enumerate(flats):
                 block[expert].copy_(flat[start:end])
@@ -56,17 +69,9 @@ def weight_distances(stacks: Sequence[torch.Tensor | Sequence[torch.Tensor]]) ->
 
     parts = max(1, min(torch.get_num_threads(), len(blocks)))
     with ThreadPoolExecutor(parts) as pool:
-        for done in [pool.submit(single_threaded(gram_blocks), part, parts) for part in range(parts)]:
+        for done in [pool.submit(single_threaded(some_blocks), part, parts) for part in range(parts)]:
             done.result()
-    gram = torch.zeros(experts, experts, dtype=torch.float64)
-    for block_gram in grams:  # in block order, whatever thread computed each
-        gram += block_gram
-    squared = gram.diag().unsqueeze(0) + gram.diag().unsqueeze(1) - 2 * gram
-    return squared.clamp_min(0).sqrt()
-
-
-def _blocks(numel: int) -> list[tuple[int, int]]:
-    return [(start, min(start + GRAM_CHUNK, numel)) for start in range(0, numel, GRAM_CHUNK)]
+    return grams
 
 
 def average_linkage(distances: torch.Tensor, groups: int) -> list[list[int]]:
