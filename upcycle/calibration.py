@@ -192,6 +192,45 @@ class MoELayerProbe:
     block: str
     router_weight: torch.Tensor
     shared_gate_weight: torch.Tensor | None = None
+    # DeepSeek-V3-style routers (sigmoid scores): the selection bias and the group-limited top-k.
+    selection_bias: torch.Tensor | None = None
+    groups: int = 1
+    top_groups: int = 1
+
+    def route(
+        self, hidden: torch.Tensor, top_k: int, normalize_top_k: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (per-expert scores (N, E) in float32, mixture weights (N, E): zero outside each token's
+        top-k, the top-k expert indices (N, k)) of the hidden states `hidden` (N, H), as the family's
+        router computes them.
+
+        Softmax routers score with softmax(x W^T) and pick the top-k scores. Sigmoid routers (a
+        `selection_bias`) score with sigmoid(x W^T) in float32, pick the top-k of score + bias among
+        the `top_groups` best of `groups` equal groups (a group scores the sum of its two best), and
+        weigh them by their scores. Weights are renormalised to sum to 1 when `normalize_top_k`.
+        """
+        if self.selection_bias is None:
+            logits = torch.nn.functional.linear(hidden, self.router_weight.to(hidden.device, hidden.dtype))
+            scores = torch.softmax(logits.float(), dim=-1)
+            top_weights, top_index = torch.topk(scores, top_k, dim=-1)
+        else:
+            logits = torch.nn.functional.linear(hidden.float(), self.router_weight.to(hidden.device).float())
+            scores = logits.sigmoid()
+            choice = scores + self.selection_bias.to(scores.device).float()
+            experts = choice.shape[-1]
+            grouped = choice.view(-1, self.groups, experts // self.groups)
+            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+            kept_groups = torch.topk(group_scores, k=self.top_groups, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, kept_groups, 1)
+            expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(-1, experts).bool()
+            top_index = torch.topk(choice.masked_fill(~expert_mask, float("-inf")), top_k, dim=-1, sorted=False)[1]
+            top_weights = scores.gather(1, top_index)
+            if normalize_top_k:  # as transformers' Glm4MoeTopkRouter (and DeepSeek-V3) renormalise
+                top_weights = top_weights / (top_weights.sum(dim=-1, keepdim=True) + 1e-20)
+            return scores, torch.zeros_like(scores).scatter_(1, top_index, top_weights), top_index
+        if normalize_top_k:
+            top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+        return scores, torch.zeros_like(scores).scatter_(1, top_index, top_weights), top_index
 
 
 @dataclass
@@ -200,7 +239,7 @@ class RoutingStatistics:
 
     tokens: int
     selection_counts: torch.Tensor  # (E,): tokens that had the expert in their top-k
-    probability_sum: torch.Tensor  # (E,): softmax routing probability over all experts
+    probability_sum: torch.Tensor  # (E,): routing score over all experts (softmax; sigmoid for DeepSeek-V3-style)
     weight_sum: torch.Tensor  # (E,): mixture weight the token gave the expert (0 when not in its top-k)
     shared_gate_sum: float | None = None  # sigmoid(shared_expert_gate(x)), for shared-expert MoEs
     expert_output_sum: torch.Tensor | None = None  # (E, H): every expert applied to every token
@@ -304,12 +343,7 @@ class RoutingRecorder:
         def hook(module, args):
             hidden = args[0].reshape(-1, args[0].shape[-1])[self.mask.to(args[0].device)]
             record = self.stats[layer]
-            logits = torch.nn.functional.linear(hidden, probe.router_weight.to(hidden.device, hidden.dtype))
-            probabilities = torch.softmax(logits.float(), dim=-1)
-            top_weights, top_index = torch.topk(probabilities, self.top_k, dim=-1)
-            if self.normalize_top_k:
-                top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
-            weights = torch.zeros_like(probabilities).scatter_(1, top_index, top_weights)
+            probabilities, weights, top_index = probe.route(hidden, self.top_k, self.normalize_top_k)
             record.tokens += hidden.shape[0]
             record.selection_counts += torch.bincount(top_index.reshape(-1).cpu(), minlength=num_experts).double()
             record.probability_sum += probabilities.sum(0).double().cpu()

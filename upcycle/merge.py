@@ -67,6 +67,9 @@ class MergeSummary:
 def build_grouped_config(moe: MoESource, experts: int, top_k: int, provenance: dict) -> dict:
     """Return the config.json of the same MoE family with `experts` experts and top-`top_k` routing."""
     changes = {moe.family.experts_field: experts, moe.family.top_k_field: top_k}
+    grouped = moe.family.grouped_router
+    if grouped is not None:  # merged experts do not keep equal groups: one group, so top-k is over all of them
+        changes.update({grouped.groups: 1, grouped.top_groups: 1})
     config = moe_config_object(moe.config, **changes).to_dict()
     config.pop("_name_or_path", None)
     config["architectures"] = moe.checkpoint.config.get("architectures", [moe.family.target_architecture])

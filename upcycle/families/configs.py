@@ -131,6 +131,9 @@ def build_dense_config(
         if key not in NEVER_COPIED and key not in moe_only and key not in family.overrides and key in dense_defaults
     }
     fields["intermediate_size"] = intermediate_size
+    # What the pair required of its source holds for the dense model too (e.g. a Mistral that became a
+    # GLM-4-MoE had no sliding window; the MoE config has no such field, and Mistral's default is 4096).
+    fields.update({r.field: r.value for r in family.requirements if r.field in dense_defaults})
     try:
         dense = AutoConfig.for_model(dense_type, **fields)
     except (ValueError, TypeError) as err:

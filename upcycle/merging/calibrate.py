@@ -17,6 +17,21 @@ from upcycle.merging.layerwise import LayerwiseModel
 from upcycle.merging.source import MoESource
 
 
+def moe_layer_probe(moe: MoESource, layer: int) -> MoELayerProbe:
+    """Return what routing statistics need to know about MoE layer `layer` of `moe`: its block's module name,
+    router, shared-expert gate, and for DeepSeek-V3-style routers the selection bias and groups."""
+    bias_name = moe.selection_bias_name(layer)
+    grouped = moe.family.grouped_router
+    return MoELayerProbe(
+        moe.module_name(layer),
+        moe.router(layer),
+        moe.shared_gate(layer),
+        selection_bias=moe.checkpoint.tensors.get(bias_name) if bias_name else None,
+        groups=int(moe.config.get(grouped.groups, 1)) if grouped else 1,
+        top_groups=int(moe.config.get(grouped.top_groups, 1)) if grouped else 1,
+    )
+
+
 class LayerwiseCalibration:
     """Routing statistics of a MoE's layers over calibration texts, computed when first asked for."""
 
@@ -50,10 +65,7 @@ class LayerwiseCalibration:
         self.tokens = int(sum(int(batch["attention_mask"].sum()) for batch in batches))
         self._moe = moe
         self._runner = LayerwiseModel(moe, batches, self._set_mask, stream)
-        probes = {
-            layer: MoELayerProbe(moe.module_name(layer), moe.router(layer), moe.shared_gate(layer))
-            for layer in moe.moe_layers
-        }
+        probes = {layer: moe_layer_probe(moe, layer) for layer in moe.moe_layers}
         self._recorder = RoutingRecorder(
             self._runner.model,
             probes,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -152,12 +152,18 @@ class MergePlan:
         shared = moe.shared_projections(layer)
         stats = self.stats.get(layer)
         # Qwen2-MoE adds sigmoid(shared_expert_gate(x)) * shared(x); a fixed mean gate folds it in.
-        shared_gate = (stats.shared_gate_sum / max(stats.tokens, 1) if stats else 0.5) if shared else None
+        shared_gate = None
+        if shared and moe.shared_gate(layer) is None:
+            shared_gate = 1.0  # DeepSeek-V3-style shared experts have no gate: always fully on
+        elif shared:
+            shared_gate = stats.shared_gate_sum / max(stats.tokens, 1) if stats else 0.5
         merged = {}
         for projection in PROJECTIONS:
             experts = self.projection_experts(layer, projection)
             base = self.base.projection(moe, layer, projection, experts) if self.base is not None else None
             tensor = self.merge_projection(layer, projection, experts, list(range(moe.num_experts)), coefficients, base)
+            if projection == "down" and moe.routed_scaling != 1.0:  # the MoE scales its routed output
+                tensor = tensor.double() * moe.routed_scaling
             del experts, base
             if shared and projection == "down":
                 tensor = torch.cat([shared["down"].double() * shared_gate, tensor.double()], dim=1)
@@ -166,8 +172,11 @@ class MergePlan:
             merged[projection] = tensor.to(dtype)
         return merged
 
-    def grouped_layer(self, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-        """Return (router (K, H) in float64, the K merged experts {gate, up, down: K tensors in `dtype`}) of `layer`.
+    def grouped_layer(
+        self, layer: int, dtype: torch.dtype
+    ) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+        """Return ({"router": (K, H), and "bias": (K,) for a selection bias} in float64, the K merged experts
+        {gate, up, down: K tensors in `dtype`}) of `layer`.
 
         Grouping by weights needs every projection of the layer's experts at once (one layer's experts).
         """
@@ -177,7 +186,7 @@ class MergePlan:
         if stats is not None and stats.expert_output_sum is not None:
             distances = output_distances(stats.mean(stats.expert_output_sum))
         else:
-            distances = weight_distances(_StackedOnRead([experts[p] for p in PROJECTIONS]))
+            distances = weight_distances([experts[p] for p in PROJECTIONS])
         groups = average_linkage(distances, self.experts_out)
         self.groups[layer] = groups
         coefficients = self.coefficients(layer)
@@ -190,14 +199,17 @@ class MergePlan:
                 tensor = self.merge_projection(layer, projection, experts[projection], members, coefficients, base)
                 merged[projection].append(tensor.to(dtype))
             experts[projection] = None  # drop this projection's experts before merging the next
-        rows = []
+        bias_name = moe.selection_bias_name(layer)
+        rows = {"router": router, **({"bias": moe.checkpoint.tensors.get(bias_name)} if bias_name else {})}
+        merged_rows = {key: [] for key in rows}
         for members in groups:
             weights = coefficients[torch.tensor(members)]
-            if self.method == "select" and len(members) > 1:
-                rows.append(router[members[int(torch.argmax(weights))]].double())
-            else:
-                rows.append(methods.weighted_mean(router[torch.tensor(members)], weights))
-        return torch.stack(rows), merged
+            for key, values in rows.items():  # the router row and the selection bias follow the experts
+                if self.method == "select" and len(members) > 1:
+                    merged_rows[key].append(values[members[int(torch.argmax(weights))]].double())
+                else:
+                    merged_rows[key].append(methods.weighted_mean(values[torch.tensor(members)], weights))
+        return {key: torch.stack(values) for key, values in merged_rows.items()}, merged
 
     def layer_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
         """Return {name: shape} of the tensors that replace layer `layer`'s MoE block, in write order."""
@@ -213,6 +225,8 @@ class MergePlan:
             }
         layout, experts = moe.layout, self.experts_out
         shapes = {layout.router.format(layer=layer): (experts, hidden)}
+        if moe.selection_bias_name(layer):
+            shapes[moe.selection_bias_name(layer)] = (experts,)
         if layout.fused:
             shapes[layout.gate_up.format(layer=layer)] = (experts, 2 * size, hidden)
             shapes[layout.down.format(layer=layer)] = (experts, hidden, size)
@@ -238,8 +252,10 @@ class MergePlan:
                 names.down.format(layer=layer): merged["down"],
             }
         moe, layout = self.moe, self.moe.layout
-        router, merged = self.grouped_layer(layer, dtype)
-        tensors = {layout.router.format(layer=layer): router.to(dtype)}
+        rows, merged = self.grouped_layer(layer, dtype)
+        tensors = {layout.router.format(layer=layer): rows["router"].to(dtype)}
+        if "bias" in rows:
+            tensors[moe.selection_bias_name(layer)] = rows["bias"].float()
         if layout.fused:
             gate, up, down = (torch.stack(merged[p]) for p in PROJECTIONS)
             tensors[layout.gate_up.format(layer=layer)] = torch.cat([gate, up], dim=1)
@@ -262,19 +278,6 @@ def expert_stream(moe: MoESource, calibrating: bool) -> TensorStream:
         for name in expert_tensor_order(moe, moe.moe_layers[0])
     )
     return tensors.stream(budget=layer_bytes // 6 if calibrating else 2 * layer_bytes // 3)
-
-
-class _StackedOnRead(Sequence):
-    """The projections' expert lists, each stacked (E, ...) only when read: one stacked copy at a time."""
-
-    def __init__(self, projections: list[list[torch.Tensor]]):
-        self._projections = projections
-
-    def __len__(self) -> int:
-        return len(self._projections)
-
-    def __getitem__(self, index):
-        return torch.stack(self._projections[index])
 
 
 class LayerCache:
@@ -381,10 +384,12 @@ def plan_merge(plan: MergePlan, dtype: torch.dtype | None) -> list[PlannedTensor
             continue
         weight_dtype = output_dtype(tensors.dtype(moe.layout.router.format(layer=layer)))
         for name, shape in plan.layer_shapes(layer).items():
+            # The selection bias stays float32, as the router computes in float32.
+            tensor_dtype = torch.float32 if name == moe.selection_bias_name(layer) else weight_dtype
             planned.append(
                 PlannedTensor(
-                    TensorSpec(name, weight_dtype, shape),
-                    lambda layer=layer, name=name, d=weight_dtype: cache.take(layer, name, d),
+                    TensorSpec(name, tensor_dtype, shape),
+                    lambda layer=layer, name=name, d=tensor_dtype: cache.take(layer, name, d),
                 )
             )
     add_copies([name for name in top_level if "embed" not in name])

@@ -63,7 +63,7 @@ class MoESource:
         fused = self.family.layouts.get("fused", self.layout)
         return _common_prefix(fused.router.format(layer=layer), fused.down.format(layer=layer)).rstrip(".")
 
-    def expert_tensor_names(self, layer: int) -> list[str]:
+    def _router_and_experts(self, layer: int) -> list[str]:
         """Return the on-disk names of the layer's router and routed expert tensors."""
         layout = self.layout
         names = [layout.router.format(layer=layer)]
@@ -73,12 +73,33 @@ class MoESource:
             names += [t.format(layer=layer, expert=expert) for t in (layout.gate, layout.up, layout.down)]
         return names
 
+    def expert_tensor_names(self, layer: int) -> list[str]:
+        """Return the on-disk names of the layer's router, its selection bias (DeepSeek-V3-style routers)
+        and its routed expert tensors."""
+        names = self._router_and_experts(layer)
+        bias = self.selection_bias_name(layer)
+        return names if bias is None else [names[0], bias, *names[1:]]
+
+    def selection_bias_name(self, layer: int) -> str | None:
+        """Return the name of the layer's expert-selection bias (`e_score_correction_bias`), or None."""
+        grouped = self.family.grouped_router
+        if grouped is None or grouped.bias.format(layer=layer) not in self.checkpoint.tensors:
+            return None
+        return grouped.bias.format(layer=layer)
+
+    @property
+    def routed_scaling(self) -> float:
+        """Return the factor the MoE multiplies its routed output by (DeepSeek-V3-style routers; else 1.0)."""
+        grouped = self.family.grouped_router
+        return float(self.config.get(grouped.routed_scaling, 1.0)) if grouped is not None else 1.0
+
     def shared_tensor_names(self, layer: int) -> list[str]:
         """Return the on-disk names of the layer's shared expert (gate, up, down, sigmoid gate), if any."""
         shared = self.family.shared_expert
         if shared is None:
             return []
-        names = [t.format(layer=layer) for t in (shared.gate, shared.up, shared.down, shared.expert_gate)]
+        templates = (shared.gate, shared.up, shared.down, shared.expert_gate)
+        names = [t.format(layer=layer) for t in templates if t]  # DeepSeek-V3-style shared experts: no gate
         return [name for name in names if name in self.checkpoint.tensors]
 
     def router(self, layer: int) -> torch.Tensor:
@@ -86,8 +107,9 @@ class MoESource:
         return self.checkpoint.tensors.get(self.layout.router.format(layer=layer))
 
     def shared_gate(self, layer: int) -> torch.Tensor | None:
-        """Return the layer's shared-expert sigmoid gate weight (1, H), or None without a shared expert."""
-        if not self.shared_size:
+        """Return the layer's shared-expert sigmoid gate weight (1, H), or None without a shared expert or
+        without a gate (DeepSeek-V3-style shared experts are always fully on)."""
+        if not self.shared_size or not self.family.shared_expert.expert_gate:
             return None
         return self.checkpoint.tensors.get(self.family.shared_expert.expert_gate.format(layer=layer))
 
