@@ -6,16 +6,20 @@ import torch
 from tiny_models import DENSE_CASES
 from transformers import AutoModelForCausalLM
 
-from upcycle.calibration import MoELayerProbe, RoutingRecorder, collect_routing_statistics
+from upcycle.calibration import RoutingRecorder, collect_routing_statistics
 from upcycle.convert import convert
+from upcycle.merging.calibrate import moe_layer_probe
 from upcycle.merging.layerwise import LayerwiseModel
 from upcycle.merging.plan import expert_stream
 from upcycle.merging.source import open_moe
 
-CASES = [(case, None, "all") for case in DENSE_CASES] + [
-    ("llama-gqa", "fused", "all"),
-    ("qwen2", "fused", "all"),
-    ("qwen2", None, "1"),  # layer 0 stays dense inside the MoE
+GLM4 = dict(target="glm4_moe", experts=4, expert_groups=2, top_groups=1, routed_scaling=2.5)
+CASES = [(case, None, "all", {}) for case in DENSE_CASES] + [
+    ("llama-gqa", "fused", "all", {}),
+    ("qwen2", "fused", "all", {}),
+    ("qwen2", None, "1", {}),  # layer 0 stays dense inside the MoE
+    ("qwen3-head-dim", None, "1-", GLM4),  # sigmoid, group-limited routing with a selection bias
+    ("llama-gqa", "fused", "all", GLM4),
 ]
 
 
@@ -30,12 +34,16 @@ def batches() -> list[dict[str, torch.Tensor]]:
     return result
 
 
-@pytest.mark.parametrize(("case", "layout", "moe_layers"), CASES, ids=[f"{c}-{lay}-{m}" for c, lay, m in CASES])
-def test_layerwise_statistics_equal_the_whole_model_bitwise(dense_models, tmp_path, case, layout, moe_layers):
+@pytest.mark.parametrize(
+    ("case", "layout", "moe_layers", "target"),
+    CASES,
+    ids=[f"{c}-{lay}-{m}-{t.get('target', 'natural')}" for c, lay, m, t in CASES],
+)
+def test_layerwise_statistics_equal_the_whole_model_bitwise(dense_models, tmp_path, case, layout, moe_layers, target):
     convert(
         dense_models[case],
         tmp_path / "moe",
-        experts=3,
+        **{"experts": 3, **target},
         top_k=2,
         method="drop",  # distinct experts, so expert outputs tell them apart
         layout=layout,
@@ -43,10 +51,7 @@ def test_layerwise_statistics_equal_the_whole_model_bitwise(dense_models, tmp_pa
         quiet=True,
     )
     moe = open_moe(tmp_path / "moe")
-    probes = {
-        layer: MoELayerProbe(moe.module_name(layer), moe.router(layer), moe.shared_gate(layer))
-        for layer in moe.moe_layers
-    }
+    probes = {layer: moe_layer_probe(moe, layer) for layer in moe.moe_layers}
     options = dict(top_k=moe.top_k, normalize_top_k=True, expert_outputs=True)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype="auto")
     expected = collect_routing_statistics(model, batches(), probes, quiet=True, **options)
