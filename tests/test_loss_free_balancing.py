@@ -200,6 +200,7 @@ class _Router(nn.Module):
     def __init__(self, choices: list[list[int]], num_experts: int) -> None:
         super().__init__()
         self.choices = torch.tensor(choices)
+        self.weight = nn.Parameter(torch.zeros(num_experts, 8))  # the projection a router owns
         self.e_score_correction_bias = nn.Buffer(torch.zeros(num_experts))
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -291,7 +292,7 @@ def finetune_main():
         # smoke_cpu.yaml upcycles into Mixtral, whose softmax routers have no selection bias.
         (
             ["moe.bias_update_rate=0.001"],
-            "moe.bias_update_rate: mixtral routers have no e_score_correction_bias",
+            "moe.bias_update_rate: mixtral has no router owning an e_score_correction_bias",
         ),
     ],
 )

@@ -35,13 +35,16 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def biased_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Return ``(module_name, module)`` for every module of `model` that owns an
-    ``e_score_correction_bias`` buffer (a DeepSeek-V3-style router), in module order."""
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(dict(module.named_buffers(recurse=False)).get(BIAS_BUFFER), torch.Tensor)
-    ]
+    """Return ``(module_name, module)`` for every DeepSeek-V3-style router of `model`, in module
+    order: a module owning both its projection ``weight`` (a parameter) and an
+    ``e_score_correction_bias`` buffer. MiniMax-M2 keeps the bias on the MoE block and passes it to
+    its gate, Ernie-4.5-MoE makes it a parameter: neither is a router of this kind."""
+    routers = []
+    for name, module in model.named_modules():
+        buffers, parameters = dict(module.named_buffers(recurse=False)), dict(module.named_parameters(recurse=False))
+        if isinstance(buffers.get(BIAS_BUFFER), torch.Tensor) and "weight" in parameters:
+            routers.append((name, module))
+    return routers
 
 
 def layer_name(module_name: str) -> str:

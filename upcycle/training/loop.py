@@ -215,7 +215,7 @@ class TrainStep:
         routers = biased_routers(self.unwrapped)
         if self.bias_update_rate > 0 and not routers:
             raise ConfigError(
-                f"moe.bias_update_rate: {type(self.unwrapped).__name__} has no router with an "
+                f"moe.bias_update_rate: {type(self.unwrapped).__name__} has no router owning an "
                 "e_score_correction_bias buffer (DeepSeek-V3-style, e.g. glm4_moe); set it to 0"
             )
         self.capture = None

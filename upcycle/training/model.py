@@ -130,8 +130,9 @@ def check_mode_fits(config: RecipeConfig, facts: ModelFacts) -> None:
                 )
     if moe.bias_update_rate and facts.has_selection_bias is False:
         raise ConfigError(
-            f"moe.bias_update_rate: {facts.model_type} routers have no e_score_correction_bias (loss-free "
-            "balancing needs a DeepSeek-V3-style router, e.g. glm4_moe); set it to 0 or use moe.aux_loss_coef"
+            f"moe.bias_update_rate: {facts.model_type} has no router owning an e_score_correction_bias "
+            "(loss-free balancing needs a DeepSeek-V3-style router, e.g. glm4_moe); set it to 0 or use "
+            "moe.aux_loss_coef"
         )
     if moe.router_jitter and mode != "mope" and not facts.has_jitter_field:
         raise ConfigError(
