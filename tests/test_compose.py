@@ -177,3 +177,21 @@ def test_task_vector_merge_of_a_composed_moe_finds_the_base_by_itself(sources, t
     name = "model.layers.0.mlp.gate_proj.weight"
     expected = base[name] + ((ft1[name] - base[name]) + (ft2[name] - base[name])) / 2
     assert torch.allclose(dense[name], expected, atol=1e-6)
+
+
+def test_shared_expert_base_into_glm4_moe_is_one_ungated_expert_wide(dense_models, tmp_path):
+    base = dense_models["qwen2"]
+    made = [perturbed(base, tmp_path / f"ft{seed}", seed) for seed in (1, 2)]
+    recipe = {"base": str(base), "target": "glm4_moe", "router_init": "random", "top_k": 1, "shared_expert": "base"}
+    recipe["experts"] = [str(path) for path in made]
+    compose(recipe, tmp_path / "moe", quiet=True)
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert (config["n_shared_experts"], config["moe_intermediate_size"]) == (1, 40)
+    moe, dense = read_all(tmp_path / "moe"), read_all(base)
+    for projection in ("gate", "up", "down"):  # no gate to halve it: the base FFN as it is
+        assert torch.equal(
+            moe[f"model.layers.0.mlp.shared_experts.{projection}_proj.weight"],
+            dense[f"model.layers.0.mlp.{projection}_proj.weight"],
+        )
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
