@@ -27,6 +27,7 @@ LABELS = {
     "copy": "copy upcycling (Komatsuzaki et al. 2022)",
     "drop": "Drop-Upcycling, r=0.5 (Nakamura et al. 2025)",
     "granular": "granular upcycling (He et al. 2024)",
+    "glm4-lossfree": "glm4_moe: granular + shared expert, loss-free balancing (DeepSeek-V3 routing)",
     "mope": "MoPE on the dense model (LoRA experts)",
     "merged": "copy upcycling, trained, merged back to dense",
     "dense-flops": "dense continuation, FLOP-matched to the MoEs",
@@ -36,6 +37,7 @@ COLORS = {
     "copy": "tab:blue",
     "drop": "tab:orange",
     "granular": "tab:green",
+    "glm4-lossfree": "tab:brown",
     "mope": "tab:purple",
     "merged": "tab:red",
     "dense-flops": "tab:gray",
@@ -145,6 +147,39 @@ def merge_table(merges: dict) -> str:
     return "\n".join(lines)
 
 
+def balancing_table(balancing: dict) -> str:
+    """Return a markdown table of each loss-free-balanced run's per-step expert-load CV, per seed."""
+    lines = [
+        "| method | seed | load CV, first step | mean, first steps | mean, last steps | load CV, last step "
+        "| bias spread at end |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, per_seed in balancing.items():
+        for seed, trace in per_seed.items():
+            window = trace["window"]
+            lines.append(
+                f"| {method} | {seed} | {trace['first_cv']:.3f} (step {trace['first_step']}) "
+                f"| {trace['first_window_cv']:.3f} (steps 1-{window}) "
+                f"| {trace['last_window_cv']:.3f} (last {window}) "
+                f"| {trace['last_cv']:.3f} (step {trace['last_step']}) | {trace['final_bias_range']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def additions_lines(results: dict) -> list[str]:
+    """Return a header line for every later run that added rows (`--add`) to these results."""
+    lines = []
+    for addition in results.get("additions", []):
+        lines.append(
+            f"- Added by `{addition['study_command']}` ({', '.join(addition['methods'])}): "
+            f"{addition['wall_seconds']:.0f} s on {addition['machine']}, load average at the end "
+            f"{', '.join(f'{x:.1f}' for x in addition['load_average'])}, commit {addition['git_revision']}; "
+            f"pretraining rerun first, reproducing the pretrained held-out loss "
+            f"({addition['dense_pretrained_loss']:.6f} vs {results['dense_pretrained_loss']:.6f})."
+        )
+    return lines
+
+
 def plot(results: dict, path: Path) -> None:
     """Write the PNG of held-out loss against continuation tokens and against training FLOPs
     (mean over seeds as a line, the seeds' min-max as a band; merged models as markers)."""
@@ -216,6 +251,22 @@ def findings(rows: list[dict]) -> list[str]:
     return sentences
 
 
+def glm4_lines(settings: dict) -> list[str]:
+    """Return the settings line of the glm4-lossfree row, or nothing when the study has none."""
+    glm4 = settings.get("glm4")
+    if glm4 is None:
+        return []
+    routed = glm4["experts"] * (glm4["granularity"] - glm4["shared_experts"])
+    return [
+        f"- glm4-lossfree: `--target glm4_moe --method granular`, granularity {glm4['granularity']}, "
+        f"{glm4['experts']} copies, {glm4['shared_experts']} shared shard(s): {routed} routed experts and one "
+        f"shared expert, each 1/{glm4['granularity']} of the FFN; routed top-{glm4['top_k']} among the best "
+        f"{glm4['top_groups']} of {glm4['expert_groups']} groups, sigmoid scores, routed scaling "
+        f"{glm4['routed_scaling']}; no aux loss, selection biases moved by `moe.bias_update_rate` "
+        f"{glm4['bias_update_rate']} a step (DeepSeek-V3 loss-free balancing).",
+    ]
+
+
 def write_report(results: dict, out_dir: Path) -> Path:
     """Write the markdown report, the plot and the JSON results under `out_dir`; return the report path."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -241,6 +292,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
         f"- Wall time: {results['wall_seconds']:.0f} s ({minutes:.1f} min) on {results['machine']}; "
         f"load average at the end {', '.join(f'{x:.1f}' for x in results['load_average'])} "
         "(the machine's two cores were shared with other jobs, so the time is an upper bound).",
+        *additions_lines(results),
         f"- Seeds: continuation seeds {settings['seeds']} (data order, router init, Drop-Upcycling's neuron draw, "
         "MoPE init); the dense model is pretrained once with seed 0 and shared by all.",
         f"- Corpus: Python {results['machine'].split(' ')[2]} standard library `.py` files, split by a hash of each "
@@ -260,6 +312,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
         f"{settings['granularity']} ({settings['experts']} copies x {settings['granularity']} shards, top-"
         f"{settings['top_k'] * settings['granularity']}: same total and active parameters as copy); MoPE "
         f"{json.dumps(settings['mope'])}.",
+        *glm4_lines(settings),
         "- FLOPs: 2 per active weight forward, 2 backward, 2 more when the weight is trained (6N for full "
         "training, 4N + 2N_trainable for MoPE's frozen base); active = every matrix a token passes through, LM "
         "head included, input embedding (a lookup) excluded, top_k/E of each expert stack; attention-score "
@@ -291,6 +344,18 @@ def write_report(results: dict, out_dir: Path) -> Path:
         merge_table(results.get("merges", {})),
         "",
     ]
+    if results.get("balancing"):
+        text += [
+            "### Expert load under loss-free balancing",
+            "",
+            "`moe/step_load_cv`: the coefficient of variation of the tokens each routed expert received in one "
+            "optimizer step (the load the selection biases are updated from, before the update), averaged over "
+            "the MoE layers; 0 is a perfectly even load. Bias spread: max - min of `e_score_correction_bias`, "
+            "averaged over layers.",
+            "",
+            balancing_table(results["balancing"]),
+            "",
+        ]
     if missing:
         text += ["### Not run", "", *[f"- {line}" for line in missing], ""]
     text += [
@@ -298,6 +363,11 @@ def write_report(results: dict, out_dir: Path) -> Path:
         "",
         "```",
         *results["commands"],
+        *[
+            line
+            for addition in results.get("additions", [])
+            for line in (f"# added by {addition['study_command']}:", *addition["commands"])
+        ],
         "```",
         "",
         "</details>",

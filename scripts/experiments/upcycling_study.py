@@ -3,6 +3,7 @@
     python scripts/experiments/upcycling_study.py            # the committed study (~30 min on 2 cores)
     python scripts/experiments/upcycling_study.py --quick    # a smoke run of every step (~1-2 min)
     python scripts/experiments/upcycling_study.py --rewrite-report   # the report again from its JSON, no training
+    python scripts/experiments/upcycling_study.py --add --methods glm4-lossfree   # one more row, the rest kept
 
 1. Corpus: the Python standard library's sources, split by file into pretrain / continue / held-out.
 2. A byte-level BPE tokenizer trained on the two training splits; a small dense Llama pretrained
@@ -10,10 +11,16 @@
 3. From that checkpoint, every method continues on the continue split with the same schedule,
    token budget and data order (per seed): dense; `upcycle convert --method copy|drop|granular`;
    MoPE on the dense model (`model.mode: mope`); the trained copy-upcycled MoE merged back to dense
-   with `upcycle merge` (the method picked on training text, not on the held-out split); and a dense
-   run given as many training FLOPs as the upcycled MoEs (more tokens).
+   with `upcycle merge` (the method picked on training text, not on the held-out split); a glm4_moe
+   (DeepSeek-V3 routing: fine-grained granular experts, a shared expert, grouped sigmoid router)
+   trained with auxiliary-loss-free balancing (`moe.bias_update_rate`) instead of an aux loss; and
+   a dense run given as many training FLOPs as the upcycled MoEs (more tokens).
 4. Held-out loss after equal tokens and after equal training FLOPs (study_flops.py says how they
    are counted), over every seed, written to docs/results/ as a markdown table and PNG plots.
+
+`--add` runs only the methods named and adds their rows to the existing results JSON: pretraining
+is deterministic (seed 0, same corpus), so it is rerun and must reproduce the recorded pretrained
+held-out loss before any continuation starts.
 """
 
 from __future__ import annotations
@@ -42,7 +49,9 @@ from study_flops import checkpoint_parameters  # noqa: E402
 from study_report import RESULTS, Curve, write_report  # noqa: E402
 from study_runs import REPO, Evaluator, run_cli, run_recipe  # noqa: E402
 
-UPCYCLED = ("copy", "drop", "granular")
+UPCYCLED = ("copy", "drop", "granular", "glm4-lossfree")
+# Reproduced pretraining must match the recorded held-out loss this closely for --add to go on.
+PRETRAIN_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,23 @@ class StudySettings:
     drop_ratio: float = 0.5
     granularity: int = 2
     aux_loss_coef: float = 0.01
+    # glm4-lossfree: 16 FFN copies at granularity 2 with 1 shared shard, so 16 routed experts half
+    # the FFN wide (granular's count and width) plus one always-on shared expert as wide; top-3
+    # routed + shared = 4 half-FFN experts a token, granular's top-4 (equal active parameters).
+    # 4 groups of 4 experts, the best 2 groups eligible (DeepSeek-V3's half). No aux loss: the
+    # selection biases move by bias_update_rate a step (the report's discussion says why 0.01).
+    glm4: dict = field(
+        default_factory=lambda: {
+            "experts": 16,
+            "top_k": 3,
+            "granularity": 2,
+            "shared_experts": 1,
+            "expert_groups": 4,
+            "top_groups": 2,
+            "routed_scaling": 1.0,
+            "bias_update_rate": 0.01,
+        }
+    )
     mope: dict = field(
         default_factory=lambda: {
             "num_experts": 8,
@@ -211,6 +237,76 @@ def available(methods: tuple[str, ...]) -> tuple[tuple[str, ...], list[str]]:
     return kept, missing
 
 
+def convert_argv(method: str, dense: Path, folder: Path, seed: int, settings: StudySettings) -> list[str]:
+    """Return the `upcycle convert` arguments that upcycle `dense` into `folder` with `method`."""
+    if method == "glm4-lossfree":
+        glm4 = settings.glm4
+        argv = ["convert", str(dense), str(folder), "--target", "glm4_moe", "--method", "granular"]
+        argv += ["--granularity", str(glm4["granularity"]), "--granular-scaling", "down"]
+        argv += ["--experts", str(glm4["experts"]), "--top-k", str(glm4["top_k"])]
+        argv += ["--shared-experts", str(glm4["shared_experts"]), "--expert-groups", str(glm4["expert_groups"])]
+        argv += ["--top-groups", str(glm4["top_groups"]), "--routed-scaling", str(glm4["routed_scaling"])]
+        return [*argv, "--seed", str(seed), "--force", "--quiet"]
+    argv = ["convert", str(dense), str(folder), "--experts", str(settings.experts), "--top-k", str(settings.top_k)]
+    argv += ["--method", method, "--seed", str(seed), "--force", "--quiet"]
+    if method == "drop":
+        argv += ["--drop-ratio", str(settings.drop_ratio)]
+    if method == "granular":
+        argv += ["--granularity", str(settings.granularity)]
+    return argv
+
+
+def balancing_overrides(method: str, settings: StudySettings) -> list[str]:
+    """Return the recipe overrides that balance `method`'s experts: the aux loss, or for glm4-lossfree
+    no aux loss (glm4_moe has none), the selection-bias rate, and a log record every step (for the load CV)."""
+    if method == "glm4-lossfree":
+        return [
+            "moe.aux_loss_coef=null",
+            f"moe.bias_update_rate={settings.glm4['bias_update_rate']}",
+            "logging.every_steps=1",
+        ]
+    return [f"moe.aux_loss_coef={settings.aux_loss_coef}"]
+
+
+def load_balance(train_records: list[dict], window: int = 20) -> dict:
+    """Return the loss-free balancing trace of a run: the per-step load CV (`moe/step_load_cv`, the
+    step's expert-load coefficient of variation averaged over layers) at the first and last logged
+    steps, its means over the first and last `window` steps, and the final selection-bias spread."""
+    logged = [record for record in train_records if record.get("moe/step_load_cv") is not None]
+    if not logged:
+        return {}
+    cvs = [record["moe/step_load_cv"] for record in logged]
+    window = min(window, len(cvs))
+    return {
+        "first_step": logged[0]["step"],
+        "first_cv": cvs[0],
+        "last_step": logged[-1]["step"],
+        "last_cv": cvs[-1],
+        "window": window,
+        "first_window_cv": sum(cvs[:window]) / window,
+        "last_window_cv": sum(cvs[-window:]) / window,
+        "final_bias_range": logged[-1].get("moe/bias_range"),
+        "steps_logged": len(logged),
+    }
+
+
+def add_rows(base: dict, new: dict) -> dict:
+    """Return `base` (a study's results) with the methods of `new` (an --add run of the same settings
+    and the same pretrained model) added: their runs, parameter counts and balancing traces, and
+    the run itself described under "additions" (command, commands, time, machine, code)."""
+    merged = json.loads(json.dumps(base))  # a deep copy; seed keys become strings as in the file
+    added = [method for method in new["methods"] if method not in merged["methods"]]
+    merged["methods"] = [*merged["methods"], *added]
+    merged["settings"] = {**merged["settings"], **new["settings"]}
+    for key in ("parameters", "flops_per_token", "runs", "balancing"):
+        merged.setdefault(key, {}).update({name: value for name, value in new[key].items() if name in added})
+    described = ("study_command", "commands", "wall_seconds", "machine", "load_average", "git_revision")
+    addition = {key: new[key] for key in described}
+    addition.update(methods=added, dense_pretrained_loss=new["dense_pretrained_loss"])
+    merged["additions"] = [*base.get("additions", []), addition]
+    return merged
+
+
 def run_study(
     settings: StudySettings,
     work: Path,
@@ -218,8 +314,10 @@ def run_study(
     methods: tuple[str, ...],
     study_argv: list[str],
     missing: list[str],
+    base: dict | None = None,
 ) -> dict:
-    """Run the whole study and return its results (also written to `out_dir`)."""
+    """Run the study and return its results (also written to `out_dir`); with `base` (existing results
+    of the same settings), only `methods` run and their rows are added to it (`add_rows`)."""
     started = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     cache, logs = work / "datasets_cache", work / "logs"
@@ -273,20 +371,20 @@ def run_study(
     dense_loss = heldout.loss(dense)["eval_loss"]
     recipe_loss = pretrain.eval_records[-1]["eval_loss"]
     log(f"pretrained dense: held-out loss {dense_loss:.4f} (the recipe's own evaluation: {recipe_loss:.4f})")
+    if base is not None and abs(dense_loss - base["dense_pretrained_loss"]) > PRETRAIN_TOLERANCE:
+        raise RuntimeError(
+            f"pretraining did not reproduce the recorded model: held-out loss {dense_loss!r}, "
+            f"{RESULTS} has {base['dense_pretrained_loss']!r}; rerun the whole study instead of --add"
+        )
 
     params = {"dense": checkpoint_parameters(str(dense)), "mope": checkpoint_parameters(str(dense), settings.mope)}
     runs: dict[str, dict[int, dict]] = {}
+    balancing: dict[str, dict[int, dict]] = {}
     merge_details: dict[int, list[dict]] = {}
 
     def convert(method: str, seed: int) -> Path:
         folder = work / f"s{seed}-{method}-init"
-        argv = ["convert", str(dense), str(folder), "--experts", str(settings.experts), "--top-k", str(settings.top_k)]
-        argv += ["--method", method, "--seed", str(seed), "--force", "--quiet"]
-        if method == "drop":
-            argv += ["--drop-ratio", str(settings.drop_ratio)]
-        if method == "granular":
-            argv += ["--granularity", str(settings.granularity)]
-        cli(argv)
+        cli(convert_argv(method, dense, folder, seed, settings))
         return folder
 
     def record(method: str, seed: int, run, init_loss: float | None, max_tokens: int | None = None) -> None:
@@ -302,7 +400,7 @@ def run_study(
         }
 
     def results_so_far() -> dict:
-        return {
+        new = {
             "settings": {**asdict(settings), "seeds": list(settings.seeds)},
             "methods": list(methods),
             "missing_methods": missing,
@@ -316,6 +414,7 @@ def run_study(
             },
             "corpus": {"documents": corpus.documents, "characters": corpus.characters},
             "runs": runs,
+            "balancing": balancing,
             "merges": {str(seed): rows for seed, rows in merge_details.items()},
             "commands": commands,
             "study_command": shlex.join(["python", "scripts/experiments/upcycling_study.py", *study_argv]),
@@ -325,6 +424,7 @@ def run_study(
             "load_average": list(os.getloadavg()),
             "git_revision": git_revision(),
         }
+        return new if base is None else add_rows(base, new)
 
     # 3. Continuations, seed by seed. ---------------------------------------------------------------
     # The continuation LR is constant after warmup, so a run's loss after N tokens does not depend on
@@ -345,10 +445,10 @@ def run_study(
             if ratio > 1.0:
                 record("dense-flops", seed, run, dense_loss)
         for method, folder in converted.items():
-            run = recipe(
-                f"s{seed}-{method}", [f"model.path={folder}", f"moe.aux_loss_coef={settings.aux_loss_coef}", *common]
-            )
+            run = recipe(f"s{seed}-{method}", [f"model.path={folder}", *balancing_overrides(method, settings), *common])
             record(method, seed, run, None)  # the recipe evaluates at step 0
+            if method == "glm4-lossfree":
+                balancing.setdefault(method, {})[seed] = load_balance(run.train_records)
             if method == "copy" and "merged" in methods:
                 merge_details[seed] = merge_back(run.final_model, work, seed, settings, cli, heldout, picker, selection)
                 best = min(merge_details[seed], key=lambda row: row["selection_loss"])
@@ -421,7 +521,30 @@ def merge_back(moe: Path, work: Path, seed: int, settings, cli, heldout, picker,
     return rows
 
 
-METHODS = ("dense", "copy", "drop", "granular", "mope", "merged")
+METHODS = ("dense", "copy", "drop", "granular", "glm4-lossfree", "mope", "merged")
+# Rows --add can put beside existing ones: `dense` fixes the FLOP-matched run's length from every MoE, and
+# `merged` needs the trained copy MoE.
+ADDABLE = ("copy", "drop", "granular", "glm4-lossfree", "mope")
+
+
+def base_results(out_dir: Path, settings: StudySettings, methods: tuple[str, ...]) -> dict:
+    """Return the results --add adds `methods` to: `out_dir`'s JSON, checked to be of `settings`.
+
+    Raises:
+        SystemExit: no results there, different settings, or a method already in them or not addable.
+    """
+    path = out_dir / RESULTS
+    if not path.is_file():
+        raise SystemExit(f"--add: {path} does not exist; run the study first")
+    base = json.loads(path.read_text())
+    current = json.loads(json.dumps({**asdict(settings), "seeds": list(settings.seeds)}))  # as in the file
+    differing = sorted(key for key, value in base["settings"].items() if current.get(key) != value)
+    if differing:
+        raise SystemExit(f"--add: {path} was run with other settings ({', '.join(differing)}); rerun the study")
+    refused = [method for method in methods if method not in ADDABLE or method in base["runs"]]
+    if refused:
+        raise SystemExit(f"--add: cannot add {', '.join(refused)} (already there, or not one of {', '.join(ADDABLE)})")
+    return base
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -433,6 +556,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="continuation seeds (default 1 2)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
     parser.add_argument("--keep-work", action="store_true", help="keep checkpoints after the study")
+    parser.add_argument(
+        "--add",
+        action="store_true",
+        help="run only --methods and add their rows to --out-dir's upcycling_study.json (same settings; "
+        "pretraining is rerun and must reproduce the recorded pretrained loss)",
+    )
     parser.add_argument(
         "--rewrite-report",
         action="store_true",
@@ -456,7 +585,10 @@ def main(argv: list[str] | None = None) -> dict:
     methods, missing = available(tuple(args.methods))
     if "merged" in methods and "copy" not in methods:
         parser.error("--methods merged needs copy (it merges the trained copy-upcycled MoE)")
-    results = run_study(settings, work, out_dir, methods, raw_argv, missing)
+    if args.add and args.methods == list(METHODS):
+        parser.error("--add needs --methods: the ones to add")
+    base = base_results(out_dir, settings, methods) if args.add else None
+    results = run_study(settings, work, out_dir, methods, raw_argv, missing, base)
     if not args.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     if not all(math.isfinite(run["final_loss"]) for per_seed in results["runs"].values() for run in per_seed.values()):
