@@ -285,6 +285,26 @@ def main(argv: list[str] | None = None) -> None:
     except UpcycleError as err:
         print(f"finetune: error: {err}", file=sys.stderr)
         sys.exit(2)
+    _exit_distributed_worker()
+
+
+def _exit_distributed_worker() -> None:
+    """End a distributed worker without the interpreter's teardown once every rank is done.
+
+    Tearing down DDP's reducer and the gloo process group at interpreter exit can deadlock (a gloo
+    worker thread waits for the GIL while the destructor joins it; pytorch#56297): a 2-process CPU
+    run finished, wrote its output and then hung until killed, twice under load. Everything is
+    saved and the trackers are closed by then, so the worker leaves with `os._exit(0)`.
+    """
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
