@@ -129,7 +129,13 @@ def test_config_states_the_router_and_carries_the_attention(sources, tmp_path):
     config = json.loads((tmp_path / "q2" / "config.json").read_text())
     assert config["attention_bias"] is True and config["use_qk_norm"] is False
     assert (config["n_group"], config["topk_group"], config["routed_scaling_factor"]) == (1, 1, 1.0)
-    assert (config["n_shared_experts"], config["first_k_dense_replace"]) == (0, 0)
+    # No shared experts asked for: one all-zero placeholder expert (llama.cpp and vLLM need one), adding nothing.
+    assert (config["n_shared_experts"], config["first_k_dense_replace"]) == (1, 0)
+    placeholder = _tensors(tmp_path / "q2")
+    for name in ("gate", "up", "down"):
+        tensor = placeholder[SHARED.format(layer=0, name=name)]
+        assert not tensor.any() and config["moe_intermediate_size"] in tensor.shape
+    assert inspect_source(tmp_path / "q2")["shared_experts"] == 0
 
 
 def test_shared_experts_take_the_first_neurons_and_routed_down_is_divided_by_the_scaling(sources, tmp_path):

@@ -317,7 +317,8 @@ def convert(
         shared_expert_size=builder.shared_size(dense_size)
         or (family.shared_expert.placeholder_width if family.shared_expert else 0),
         dense_layers=[layer for layer in range(num_layers) if layer not in moe_layer_list],
-        shared_experts=shared_experts,
+        # Without shared experts, a target counting them gets its all-zero placeholder (see stock_plan).
+        shared_experts=shared_experts or (family.shared_expert.placeholder_experts if family.shared_expert else 0),
         router_fields=router_fields,
     )
     if out_dtype is not None:

@@ -66,6 +66,7 @@ def inspect_model(directory: Path, name: str) -> dict[str, Any]:
     fused_experts: dict[int, int] = {}  # layer -> leading dim of its fused expert tensors
     expert_size: int | None = None
     shared_size: dict[int, int] = {}
+    shared_down: dict[int, str] = {}
     layouts = set()
     for tensor, shape in shapes.items():
         if match := _PER_EXPERT.search(tensor):
@@ -87,6 +88,7 @@ def inspect_model(directory: Path, name: str) -> dict[str, Any]:
             continue
         if (match := _SHARED.search(tensor)) and tensor.endswith(("up_proj.weight", "gate_proj.weight")):
             shared_size[int(match["layer"])] = shape[0]
+            shared_down[int(match["layer"])] = tensor.rsplit(".", 2)[0] + ".down_proj.weight"
 
     experts_per_layer = {layer: len(indices) for layer, indices in experts_in.items()} | fused_experts
     moe_layers = sorted(experts_per_layer)
@@ -108,6 +110,11 @@ def inspect_model(directory: Path, name: str) -> dict[str, Any]:
             active -= routed[layer] // count * max(count - top_k, 0)
     widths = set(shared_size.values())
     shared_width = max(widths) if widths else 0
+    # An all-zero shared down_proj in every layer is the placeholder written for engines that always run a
+    # shared expert (upcycle's qwen2_moe and glm4_moe without shared experts): it adds nothing, so none.
+    downs = [name for name in shared_down.values() if name in shapes]
+    if downs and not any(tensors.get(name).any() for name in downs):
+        shared_width = 0
     # One shared MLP, unless the config counts the shared experts it is made of (DeepSeek-V3 style).
     shared_count = (first_positive_field(config, SHARED_EXPERTS_FIELDS) or 1) if shared_width > 0 else 0
     provenance = config.get("upcycle")

@@ -214,8 +214,9 @@ def _shared_expert(
     family: FamilyPair, builder: ExpertBuilder, layer: int, hidden: int, weight_dtype: torch.dtype, dense: LazyFFN
 ) -> list[PlannedTensor]:
     """The shared expert (the builder's shared neurons, down_proj times the family's `down_scale`) and its
-    sigmoid gate where the family has one; width 0 (it adds exactly zero) without shared experts, for
-    targets that always have one.
+    sigmoid gate where the family has one; without shared experts, for targets that always have one, an
+    all-zero placeholder of the family's placeholder width (it adds exactly zero; width 0 where the
+    engines accept it).
 
     The gate must give sigmoid(gate . x) == 0.5 for every x. All zeros does in transformers and vLLM,
     but llama.cpp's qwen2moe graph computes that sigmoid as silu(z) / z, which is 0/0 = NaN at z = 0
@@ -227,9 +228,9 @@ def _shared_expert(
     """
     shared = family.shared_expert
     width = builder.shared_size(dense.size)
-    placeholder = width == 0 and shared.placeholder_width > 0
+    placeholder = width == 0 and (shared.placeholder_width > 0 or shared.placeholder_experts > 0)
     if placeholder:
-        width = shared.placeholder_width
+        width = shared.placeholder_width or shared.placeholder_experts * builder.expert_size(dense.size)
     gate_value = shared.gate_value(weight_dtype)
 
     def projection(name: str) -> torch.Tensor:

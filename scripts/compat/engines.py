@@ -482,9 +482,9 @@ KNOWN = [
     ),
     (
         r"glm4_moe --experts 4$",
-        "glm4_moe without shared experts (n_shared_experts 0, width-0 shared MLP): llama.cpp creates no shared "
-        "tensors for 0 ('done_getting_tensors: wrong number of tensors') and its graph always runs one; vLLM's "
-        "CPU oneDNN matmul for the width-0 shared MLP dies with SIGFPE while loading",
+        "glm4_moe without shared experts is written with one all-zero placeholder shared expert (n_shared_experts "
+        "1): with n_shared_experts 0 and a width-0 shared MLP, llama.cpp created no shared tensors ('wrong number "
+        "of tensors') while its graph always runs one, and vLLM's CPU oneDNN matmul died with SIGFPE",
     ),
     (
         r"glm4_moe --layout fused",

@@ -178,7 +178,9 @@ def compose(
         or (family.shared_expert.placeholder_width if family.shared_expert else 0),
         dense_layers=[layer for layer in range(num_layers) if layer not in moe_layer_list],
         # Targets that count shared experts in expert widths (glm4_moe): the base FFN is one expert wide.
-        shared_experts=1 if builder.shared_size(expert_size) else 0,
+        shared_experts=1
+        if builder.shared_size(expert_size)
+        else (family.shared_expert.placeholder_experts if family.shared_expert else 0),
     )
     if out_dtype is not None:
         config["dtype"] = dtype_name(out_dtype)

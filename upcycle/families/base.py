@@ -58,6 +58,10 @@ class SharedExpertNames:
     # Width written, all zeros, when no shared expert is requested (0: width 0). llama.cpp's qwen2moe
     # always runs a shared expert and refuses width 0; vLLM then expects no shared tensors at all.
     placeholder_width: int = 0
+    # The same in routed-expert widths, for targets that count shared experts (glm4_moe's
+    # n_shared_experts): llama.cpp's glm4moe graph always runs a shared expert and refuses width 0, and
+    # vLLM's CPU build crashes on a width-0 matrix multiply (scripts/compat/engines.py).
+    placeholder_experts: int = 0
 
     @staticmethod
     def gate_value(dtype: torch.dtype) -> float:

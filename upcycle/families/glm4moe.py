@@ -4,8 +4,8 @@ GLM-4-MoE keeps the dense decoder's attention (q/k/v bias as a field, optional q
 rope) and routes with sigmoid scores plus a selection bias (`e_score_correction_bias`, written
 as zeros), group-limited top-k, weights renormalised (`norm_topk_prob`) and then multiplied by
 `routed_scaling_factor`. It always has shared experts: one MLP `n_shared_experts` routed experts
-wide, ungated (an empty one, width 0, without `--shared-experts`). The first
-`first_k_dense_replace` layers keep a dense MLP of `intermediate_size`.
+wide, ungated (an all-zero placeholder one expert wide without `--shared-experts`: llama.cpp and
+vLLM need one). The first `first_k_dense_replace` layers keep a dense MLP of `intermediate_size`.
 
 Exact at init (copies): every routed expert's down_proj is divided by the routed scaling factor,
 so the renormalised, scaled routed output is the routed part of the FFN; the shared experts
@@ -36,6 +36,7 @@ LLAMA_GLM4MOE = FamilyPair(
         up="model.layers.{layer}.mlp.shared_experts.up_proj.weight",
         down="model.layers.{layer}.mlp.shared_experts.down_proj.weight",
         down_scale=1.0,
+        placeholder_experts=1,
     ),
     shared_experts_field="n_shared_experts",
     dense_layers_field="first_k_dense_replace",
@@ -55,7 +56,7 @@ LLAMA_GLM4MOE = FamilyPair(
     "the tokenizer and stops with KeyError '[gMASK]' on a Llama/Qwen one; with its set_vocab replaced (as "
     "scripts/compat/engines.py does) the per-expert layout runs exactly in llama.cpp, groups and routed scaling "
     "included (the fused layout is refused: 'Unprocessed experts'); vLLM (CPU) gives transformers' greedy tokens "
-    "in both layouts; without --shared-experts neither engine loads the width-0 shared MLP: pass --shared-experts 1+",
+    "in both layouts",
     requirements=(
         Requirement("attention_bias", False, "glm4_moe has bias on q/k/v only, never on o_proj"),
         Requirement("mlp_bias", False, "glm4_moe experts have no bias"),
