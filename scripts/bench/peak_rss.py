@@ -15,15 +15,16 @@ MEASURE = textwrap.dedent(
     start = time.perf_counter()
     code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(json.dumps({"code": code.returncode, "wall_s": wall, "peak_rss_mib": peak_kib / 1024,
-                      "stderr": code.stderr[-2000:]}))
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(json.dumps({"code": code.returncode, "wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024,
+                      "cpu_s": usage.ru_utime + usage.ru_stime, "stderr": code.stderr[-2000:]}))
     """
 )
 
 
 def measure(command: list[str]) -> dict:
-    """Run `command` and return {"code", "wall_s", "peak_rss_mib", "stderr" (its last 2000 characters)}.
+    """Run `command` and return {"code", "wall_s", "peak_rss_mib", "cpu_s" (user + system seconds of all its
+    threads and children), "stderr" (its last 2000 characters)}.
 
     Raises:
         subprocess.CalledProcessError: the wrapper itself failed (not the command, whose code is returned).

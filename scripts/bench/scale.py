@@ -15,7 +15,8 @@ Each job is timed to durable: the process plus a `sync` after it. The disk's lim
 bytes read / direct read rate + bytes written / direct write rate, with both rates measured by `dd`
 (iflag=direct / oflag=direct, random data: this disk writes zeros faster than data) on the output
 disk in the same run. Printed per job: wall seconds, MB/s (bytes read + written / wall), the share
-of the limit (wall / limit; 1.0x is the disk's speed), peak RSS (scripts/bench/peak_rss.py).
+of the limit (wall / limit; 1.0x is the disk's speed), peak RSS (scripts/bench/peak_rss.py), and
+the job's CPU seconds (user + system, all threads), which other jobs on the machine do not inflate.
 Outputs are deleted as soon as they are measured; the full run needs about 20 GB free at once.
 
     python scripts/bench/scale.py [--workdir DIR] [--small] [--mergekit-moe PATH] [--jobs convert,average,...]
@@ -249,14 +250,21 @@ def main() -> None:
     if not args.keep:
         shutil.rmtree(moe, ignore_errors=True)
 
-    print("\n| job | wall s (to durable) | GB read | GB written | MB/s | disk limit s | x limit | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    cores = os.cpu_count() or 1
+    print(f"\nCPU s: user + system seconds of the job (all threads); / {cores} cores: the wall time it needs at least")
+    print("when the machine is quiet, whatever the disk (it shows how far CPU load from other jobs inflated wall s).")
+    print(
+        "\n| job | wall s (to durable) | GB read | GB written | MB/s | disk limit s | x limit | peak RSS MiB "
+        f"| CPU s | CPU s / {cores} cores / disk limit |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for job, (result, read, written) in results.items():
         limit = read / read_rate + written / write_rate
         wall = result["durable_s"]
         print(
             f"| {job} | {wall:.1f} | {read / 1e9:.2f} | {written / 1e9:.2f} | {(read + written) / wall / 1e6:.0f} "
-            f"| {limit:.1f} | {wall / limit:.2f}x | {result['peak_rss_mib']:.0f} |"
+            f"| {limit:.1f} | {wall / limit:.2f}x | {result['peak_rss_mib']:.0f} | {result['cpu_s']:.1f} "
+            f"| {result['cpu_s'] / cores / limit:.2f}x |"
         )
     if "convert" in results and "mergekit-moe" in results and results["mergekit-moe"][0]["code"] == 0:
         ours, theirs = results["convert"][0], results["mergekit-moe"][0]
