@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, MixtralConfig
 
 import upcycle
 from upcycle.calibration import calibration_batches, load_calibration_texts
@@ -154,3 +154,44 @@ def test_routes_refuses_a_dense_model_and_an_existing_output(text_file, tmp_path
     assert "already exists" in capsys.readouterr().err
     with pytest.raises(UpcycleError, match="capacity_factor must be positive"):
         analyze_routing(torch.nn.Linear(2, 2), [], capacity_factor=0)
+
+
+def test_routes_reads_the_experts_a_biased_group_limited_router_picks(text_file, tmp_path, capsys):
+    """glm4_moe (DeepSeek-V3 style): the counts are the experts its router chose, selection bias and
+    group limit included, not a softmax top-k of its logits."""
+    config = AutoConfig.for_model(
+        "glm4_moe", vocab_size=2048, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=0,
+        routed_scaling_factor=2.5, initializer_range=0.5,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # a bias that changes what softmax top-k would pick
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.linspace(-0.6, 0.6, 8))
+    path = tmp_path / "glm4"
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(TINY_LLAMA / name, path / name)
+    args = ["routes", str(path), str(tmp_path / "report"), "--calibration", str(text_file), "--json"]
+    assert main([*args, "--batch-size", "3", "--max-length", str(MAX_LENGTH)]) == 0
+    report = json.loads(capsys.readouterr().out)
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    counts = [torch.zeros(8, dtype=torch.long) for _ in range(2)]
+    picked: dict[int, torch.Tensor] = {}
+    gates = [layer.mlp.gate for layer in model.model.layers]
+    handles = [
+        g.register_forward_hook(lambda m, a, out, i=i: picked.__setitem__(i, out[2])) for i, g in enumerate(gates)
+    ]
+    texts = load_calibration_texts(text_file)
+    with torch.no_grad():
+        for batch in calibration_batches(tokenizer, texts, max_length=MAX_LENGTH, batch_size=3):
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            real = batch["attention_mask"].reshape(-1).bool()
+            for layer in range(2):
+                counts[layer] += torch.bincount(picked[layer][real].reshape(-1), minlength=8)
+    for handle in handles:
+        handle.remove()
+    assert [layer["expert_counts"] for layer in report["layers"]] == [c.tolist() for c in counts]

@@ -190,6 +190,46 @@ def _stock_layers(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[tupl
     return layers
 
 
+def _biased_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Return the stock routers that choose experts with a selection bias (DeepSeek-V3 style: a `weight`
+    and an `e_score_correction_bias`, returning (logits, top-k weights, top-k indices)), by module name."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "e_score_correction_bias", None), torch.Tensor)
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+    ]
+
+
+def _biased_router_layers(
+    model: nn.Module, routers: list[tuple[str, nn.Module]], batch: dict[str, torch.Tensor]
+) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """Run a stock MoE with DeepSeek-V3-style routers and return per layer the routing those routers chose:
+    the sigmoid scores normalised over the experts (as probabilities, for the entropy), the experts
+    picked (selection bias and group limit included) and their weights (without the routed scaling
+    factor, so they sum to 1 where the model renormalises)."""
+    outputs: dict[str, tuple] = {}
+    handles = [
+        module.register_forward_hook(lambda _m, _args, out, name=name: outputs.__setitem__(name, out))
+        for name, module in routers
+    ]
+    try:
+        model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    batch_size, seq_len = batch["input_ids"].shape
+    layers = []
+    for name, module in routers:
+        logits, weights, indices = outputs[name]
+        scale = float(getattr(module, "routed_scaling_factor", 1.0) or 1.0)
+        scores = logits.float().sigmoid()
+        probs = scores / scores.sum(dim=-1, keepdim=True)
+        routing = _shaped(probs, indices, weights.float() / scale, None, batch_size, seq_len)
+        layers.append((name, routing))
+    return layers
+
+
 def _generic_layers(
     model: nn.Module, blocks: list[tuple[str, nn.Module]], batch: dict[str, torch.Tensor]
 ) -> list[tuple[str, dict[str, torch.Tensor]]]:
@@ -261,6 +301,7 @@ def analyze_routing(
     bucket_of = torch.arange(max_length) * num_buckets // max_length
     edges = [[int((bucket_of == b).nonzero().min()), int((bucket_of == b).nonzero().max())] for b in range(num_buckets)]
     blocks = moe_modules(model)
+    routers = [] if blocks else _biased_routers(model)
     kind = "generic" if blocks else "stock"
     vocab_size = int(model.get_input_embeddings().num_embeddings)
     accumulators: dict[str, _LayerAccumulator] = {}
@@ -268,7 +309,12 @@ def analyze_routing(
     model.eval()
     for batch in progress(batches, desc="routing", unit="batch", total=total, quiet=quiet):
         batch = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
-        layers = _generic_layers(model, blocks, batch) if blocks else _stock_layers(model, batch)
+        if blocks:
+            layers = _generic_layers(model, blocks, batch)
+        elif routers:
+            layers = _biased_router_layers(model, routers, batch)
+        else:
+            layers = _stock_layers(model, batch)
         seq_len = batch["input_ids"].shape[1]
         if seq_len > max_length:
             raise UpcycleError(f"a batch has {seq_len} positions but max_length is {max_length}")
