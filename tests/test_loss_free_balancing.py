@@ -294,6 +294,11 @@ def finetune_main():
             ["moe.bias_update_rate=0.001"],
             "moe.bias_update_rate: mixtral has no router owning an e_score_correction_bias",
         ),
+        # smoke_cpu.yaml sets moe.aux_loss_coef 0.01, which glm4_moe would silently ignore.
+        (
+            ["model.upcycle.target=glm4_moe"],
+            "moe.aux_loss_coef: glm4_moe computes no load-balancing loss",
+        ),
     ],
 )
 def test_bad_bias_update_rate_fails_before_training(finetune_main, tmp_path, capsys, overrides, message):

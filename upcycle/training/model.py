@@ -32,6 +32,8 @@ class ModelFacts:
     upcycled_from: str | None = None
     # Whether its routers carry an e_score_correction_bias; None: not looked at (moe.bias_update_rate 0).
     has_selection_bias: bool | None = None
+    # Whether a stock MoE computes a load-balancing loss (its config has router_aux_loss_coef).
+    has_aux_loss: bool = True
 
 
 def _auto_config(path: str, revision: str | None, trust_remote_code: bool):
@@ -74,7 +76,10 @@ def model_facts(config: RecipeConfig) -> ModelFacts:
     look = config.moe.bias_update_rate > 0
     if config.model.upcycle is None:
         bias = has_selection_bias(source, trust) if look else None
-        return ModelFacts(source.model_type, is_moe_config(source), hasattr(source, "router_jitter_noise"), None, bias)
+        aux = not is_moe_config(source) or hasattr(source, "router_aux_loss_coef")
+        return ModelFacts(
+            source.model_type, is_moe_config(source), hasattr(source, "router_jitter_noise"), None, bias, aux
+        )
     from upcycle.families import find_family
 
     try:
@@ -83,7 +88,10 @@ def model_facts(config: RecipeConfig) -> ModelFacts:
         raise ConfigError(f"model.upcycle: {err}") from None
     target = AutoConfig.for_model(family.target_model_type)
     bias = has_selection_bias(target, False) if look else None
-    return ModelFacts(family.target_model_type, True, hasattr(target, "router_jitter_noise"), source.model_type, bias)
+    aux = hasattr(target, "router_aux_loss_coef")
+    return ModelFacts(
+        family.target_model_type, True, hasattr(target, "router_jitter_noise"), source.model_type, bias, aux
+    )
 
 
 def has_selection_bias(hf_config, trust_remote_code: bool) -> bool | None:
@@ -128,6 +136,11 @@ def check_mode_fits(config: RecipeConfig, facts: ModelFacts) -> None:
                     f"moe.{key}: {described} trained with mode {mode!r}, which has no router; "
                     "remove it, add a model.upcycle block, or use mode mope"
                 )
+    if moe.aux_loss_coef and mode != "mope" and not facts.has_aux_loss:
+        raise ConfigError(
+            f"moe.aux_loss_coef: {facts.model_type} computes no load-balancing loss (no router_aux_loss_coef); "
+            "set it to null, and use moe.bias_update_rate for loss-free balancing"
+        )
     if moe.bias_update_rate and facts.has_selection_bias is False:
         raise ConfigError(
             f"moe.bias_update_rate: {facts.model_type} has no router owning an e_score_correction_bias "
