@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
+from transformers import AutoModelForCausalLM, Glm4MoeConfig, LlamaConfig, MixtralConfig
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts" / "experiments"))
 
 from study_data import SPLITS, split_of, stdlib_sources  # noqa: E402
-from study_flops import count_parameters  # noqa: E402
+from study_flops import checkpoint_parameters, count_parameters  # noqa: E402
 from study_report import DISCUSSION_MARKER, findings, interpolate, write_report  # noqa: E402
+from upcycling_study import add_rows  # noqa: E402
 
 TINY = dict(
     vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -49,6 +50,22 @@ def test_moe_active_parameters_count_top_k_of_the_expert_stack_and_the_tied_head
     assert moe_count.active == dense_count.active + ffn + router  # two copies of the FFN active, plus the router
     assert moe_count.total == dense_count.total + 7 * ffn + router
     assert moe_count.training_flops(10) == 6 * moe_count.active * 10
+
+
+def test_glm4_moe_counts_the_shared_expert_always_top_k_routed_experts_and_the_dense_first_layer(tmp_path):
+    Glm4MoeConfig(
+        **TINY, moe_intermediate_size=8, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+        first_k_dense_replace=1, n_group=2, topk_group=1,
+    ).save_pretrained(tmp_path)  # fmt: skip
+    with torch.device("meta"):
+        dense = AutoModelForCausalLM.from_config(LlamaConfig(**TINY))
+    count, dense_count = checkpoint_parameters(str(tmp_path)), count_parameters(dense, 1)
+    ffn, expert, router = 3 * 16 * 32, 3 * 16 * 8, 4 * 16  # one dense FFN, one expert (or the shared one)
+    # Layer 0 keeps its dense FFN; layer 1: the shared expert, 2 of the 4 routed experts, the router
+    # (the e_score_correction_bias is a buffer: no FLOPs counted).
+    assert count.active == dense_count.active - ffn + expert + 2 * expert + router
+    assert count.total == dense_count.total - ffn + expert + 4 * expert + router
+    assert count.training_flops_per_token() == 6 * count.active
 
 
 def test_frozen_weights_cost_four_flops_and_trained_ones_six():
@@ -90,6 +107,30 @@ def _results(tmp_path: Path) -> dict:
     }  # fmt: skip
 
 
+def test_add_rows_keeps_the_existing_rows_and_records_the_run_that_added_one(tmp_path):
+    base = _results(tmp_path)
+    base["methods"], base["balancing"] = ["dense"], {}
+    run = {**base["runs"]["dense"][1], "final_loss": 3.4}
+    trace = {"first_step": 1, "first_cv": 1.2, "last_step": 1, "last_cv": 1.2, "window": 1, "first_window_cv": 1.2,
+             "last_window_cv": 1.2, "final_bias_range": 0.01, "steps_logged": 1}  # fmt: skip
+    new = {
+        **base, "methods": ["glm4-lossfree"], "runs": {"glm4-lossfree": {1: run}, "dense": {1: {}}},
+        "parameters": {"glm4-lossfree": {"total": 30, "active": 2, "trainable_active": 2}, "dense": {}},
+        "flops_per_token": {"glm4-lossfree": 12.0}, "balancing": {"glm4-lossfree": {1: trace}},
+        "study_command": "upcycling_study.py --add --methods glm4-lossfree", "git_revision": "abc",
+    }  # fmt: skip
+    merged = add_rows(base, new)
+    assert merged["methods"] == ["dense", "glm4-lossfree"]
+    assert merged["runs"]["dense"] == json.loads(json.dumps(base["runs"]["dense"]))  # the new run's dense ignored
+    assert merged["runs"]["glm4-lossfree"]["1"]["final_loss"] == 3.4
+    assert merged["parameters"]["dense"] == base["parameters"]["dense"]
+    assert [a["methods"] for a in merged["additions"]] == [["glm4-lossfree"]]
+    text = write_report(merged, tmp_path).read_text()
+    assert "- Added by `upcycling_study.py --add --methods glm4-lossfree` (glm4-lossfree)" in text
+    assert "| glm4-lossfree | 1 | 1.200 (step 1) |" in text
+    assert "# added by upcycling_study.py --add --methods glm4-lossfree:" in text
+
+
 def test_rewriting_the_report_keeps_the_hand_written_discussion(tmp_path):
     report = write_report(_results(tmp_path), tmp_path)
     report.write_text(report.read_text() + "\nDense wins here because the budget is tiny.\n")
@@ -111,7 +152,7 @@ def test_quick_study_trains_through_the_recipe_converts_and_merges_through_the_c
     out, work = tmp_path / "results", tmp_path / "work"
     command = [
         sys.executable, "scripts/experiments/upcycling_study.py", "--quick", "--methods", "dense", "copy", "merged",
-        "--out-dir", str(out), "--work-dir", str(work),
+        "glm4-lossfree", "--out-dir", str(out), "--work-dir", str(work),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -120,7 +161,7 @@ def test_quick_study_trains_through_the_recipe_converts_and_merges_through_the_c
     markdown = (out / "upcycling_study.md").read_text()
     assert (out / "upcycling_study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = _table_rows(markdown)
-    assert set(rows) == {"dense", "copy", "merged", "dense-flops"}
+    assert set(rows) == {"dense", "copy", "merged", "glm4-lossfree", "dense-flops"}
     for method, cells in rows.items():
         numbers = [float(x) for cell in cells for x in re.findall(r"[-+]?\d+\.?\d*(?:e[-+]?\d+)?", cell)]
         assert numbers and all(math.isfinite(x) for x in numbers), (method, cells)
@@ -130,13 +171,19 @@ def test_quick_study_trains_through_the_recipe_converts_and_merges_through_the_c
     settings = results["settings"]
     budget = settings["continue_steps"] * settings["batch_size"] * settings["seq_len"]
     runs = results["runs"]
-    for method in ("dense", "copy", "merged"):
+    for method in ("dense", "copy", "merged", "glm4-lossfree"):
         assert [run["tokens"] for run in runs[method].values()] == [budget] * len(settings["seeds"])
     # The recipe's evaluations of both runs saw the same held-out tokens, and copy upcycling starts
     # exactly where the dense model is (identical experts).
     (dense,), (copy,) = runs["dense"].values(), runs["copy"].values()
     assert dense["curve"]["eval_tokens"] == copy["curve"]["eval_tokens"] > 0
     assert copy["init_loss"] == pytest.approx(dense["init_loss"], abs=1e-5)
+    # So does the glm4_moe (granular with a shared expert, exact at init), trained with no aux loss and its
+    # selection biases moved every step: the load CV of every step is logged.
+    assert runs["glm4-lossfree"]["1"]["init_loss"] == pytest.approx(dense["init_loss"], abs=1e-5)
+    assert "moe.aux_loss_coef=null --override moe.bias_update_rate=0.01" in runs["glm4-lossfree"]["1"]["command"]
+    trace = results["balancing"]["glm4-lossfree"]["1"]
+    assert trace["steps_logged"] == settings["continue_steps"] and trace["final_bias_range"] > 0
     # Equal FLOPs: the dense run went on past the common budget until it had spent the MoE's FLOPs.
     assert runs["copy"]["1"]["flops"] > runs["dense"]["1"]["flops"]
     assert runs["dense-flops"]["1"]["flops"] >= runs["copy"]["1"]["flops"]

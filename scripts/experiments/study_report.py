@@ -174,8 +174,9 @@ def additions_lines(results: dict) -> list[str]:
             f"- Added by `{addition['study_command']}` ({', '.join(addition['methods'])}): "
             f"{addition['wall_seconds']:.0f} s on {addition['machine']}, load average at the end "
             f"{', '.join(f'{x:.1f}' for x in addition['load_average'])}, commit {addition['git_revision']}; "
-            f"pretraining rerun first, reproducing the pretrained held-out loss "
-            f"({addition['dense_pretrained_loss']:.6f} vs {results['dense_pretrained_loss']:.6f})."
+            f"pretraining rerun first: its held-out loss {addition['dense_pretrained_loss']:.6f}, recorded "
+            f"{results['dense_pretrained_loss']:.6f} (difference "
+            f"{addition['dense_pretrained_loss'] - results['dense_pretrained_loss']:+.1e})."
         )
     return lines
 
@@ -322,11 +323,12 @@ def write_report(results: dict, out_dir: Path) -> Path:
         "",
         results_table(rows),
         "",
-        "Columns: *at start* is the held-out loss of the continuation's starting checkpoint (copy upcycling and "
-        "MoPE start exactly at the dense model; drop and granular do not); *at end* is after the full token "
-        "budget; *vs dense* is the difference of means at equal tokens (negative = better); *loss at dense's FLOPs* "
-        "is each run's curve interpolated at the FLOPs dense continuation spent on the common token budget (`-` "
-        "where a run never reached it). The `dense-flops` row is the equal-FLOPs comparison: the same dense run, "
+        "Columns: *at start* is the held-out loss of the continuation's starting checkpoint (copy upcycling, "
+        "glm4-lossfree and MoPE start exactly at the dense model; drop and granular do not); *at end* is after the "
+        "full token budget; *vs dense* is the difference of means at equal tokens (negative = better); *loss at "
+        "dense's FLOPs* is each run's curve interpolated at the FLOPs dense continuation spent on the common token "
+        "budget (`-` where a run never reached it). "
+        "The `dense-flops` row is the equal-FLOPs comparison: the same dense run, "
         "continued until it had spent as many training FLOPs as the most expensive upcycled MoE (the LR is constant "
         "after warmup, so the `dense` row is exactly this run's curve at the common token budget).",
         "",
