@@ -14,6 +14,8 @@ the same bits as a whole-model forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from upcycle.checkpoint import TensorStream
@@ -34,6 +36,11 @@ class _LayerRecorder(torch.nn.Module):
         self.last = last
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Record the call and return `hidden_states` (raise `_StopForward` after the last layer needed).
+
+        Raises:
+            UpcycleError: the model passes positional arguments beyond the hidden states.
+        """
         if args:
             raise UpcycleError(
                 "the model passes its decoder layers positional arguments; layer-wise calibration cannot replay them"
@@ -52,7 +59,13 @@ class LayerwiseModel:
     memory. `model` is the meta-device model whose MoE blocks hooks can be attached to.
     """
 
-    def __init__(self, moe: MoESource, batches: list[dict[str, torch.Tensor]], on_batch, stream: TensorStream):
+    def __init__(
+        self,
+        moe: MoESource,
+        batches: list[dict[str, torch.Tensor]],
+        on_batch: Callable[[dict[str, torch.Tensor]], None],
+        stream: TensorStream,
+    ):
         """Build the skeleton and record every layer's inputs for each of `batches`.
 
         `on_batch(batch)` is called before each batch goes through a layer (e.g. to set a mask).
@@ -77,15 +90,15 @@ class LayerwiseModel:
         self._layers_name = next(name for name, module in self.model.named_modules() if module is base.layers)
         self._layers = base.layers
         self._materialize(base.get_input_embeddings())
-        base.rotary_emb = type(base.rotary_emb)(config=base.config)
+        if isinstance(getattr(base, "rotary_emb", None), torch.nn.Module):  # its buffers are computed, not stored
+            base.rotary_emb = type(base.rotary_emb)(config=base.config)
         self._next = 0
         self._held: dict[str, torch.Tensor] = {}
         self._inputs = self._record_layer_inputs(base)
 
-    def _materialize(self, module: torch.nn.Module, prefix: str | None = None) -> None:
+    def _materialize(self, module: torch.nn.Module) -> None:
         """Load `module`'s parameters from the checkpoint (memory-mapped: only the pages used are read)."""
-        if prefix is None:
-            prefix = next(name for name, candidate in self.model.named_modules() if candidate is module)
+        prefix = next(name for name, candidate in self.model.named_modules() if candidate is module)
         tensors = self.moe.checkpoint.tensors
         state = {}
         for name in module.state_dict():
