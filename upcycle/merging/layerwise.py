@@ -219,6 +219,7 @@ class LayerwiseModel:
                         gate_up = torch.empty(experts, 2 * size, tensor.shape[1], dtype=tensor.dtype)
                     rows = slice(0, size) if projection == "gate" else slice(size, 2 * size)
                     gate_up[expert, rows] = tensor
+                self._stream.release([tensor])  # copied: its memory serves the next read
         return {"gate_up": gate_up, "down": down}
 
 

@@ -100,12 +100,16 @@ def _in_parallel(work: Callable[[int, int], None], numel: int) -> None:
             span.result()
 
 
-def weighted_mean(stack: torch.Tensor | Sequence[torch.Tensor], coefficients: torch.Tensor) -> torch.Tensor:
+def weighted_mean(
+    stack: torch.Tensor | Sequence[torch.Tensor], coefficients: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Return sum_e c_e * stack[e] / sum_e c_e in float64 (all-zero coefficients: the plain mean).
 
     `stack` is a tensor (E, ...) or a sequence of E tensors. Accumulated in float64 one expert at a
     time, chunk by chunk in preallocated buffers: the same operations on every element as summing
-    whole float64 copies of the experts, so the same bits, without the copies.
+    whole float64 copies of the experts, so the same bits, without the copies. `out`, a float64
+    tensor with one expert's number of elements, receives the result (a caller merging many
+    projections reuses one: a fresh 128 MiB result per projection cost a page fault per 4 KiB).
     """
     coefficients = coefficients.double()
     if coefficients.sum() <= 0:
@@ -113,7 +117,7 @@ def weighted_mean(stack: torch.Tensor | Sequence[torch.Tensor], coefficients: to
     divisor = coefficients.sum()
     flats, shape = _flat_experts(stack)
     used = [(flat, coefficient) for flat, coefficient in zip(flats, coefficients.tolist(), strict=True) if coefficient]
-    total = torch.empty(flats[0].numel(), dtype=torch.float64)
+    total = torch.empty(flats[0].numel(), dtype=torch.float64) if out is None else out.view(-1)
 
     def span(start: int, end: int) -> None:
         buffer = torch.empty(CHUNK, dtype=torch.float64)

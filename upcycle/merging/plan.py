@@ -45,6 +45,7 @@ class MergePlan:
 
     def __post_init__(self) -> None:
         self._fused_gate_up: torch.Tensor | None = None
+        self._float64_scratch: torch.Tensor | None = None
 
     moe: MoESource
     method: str
@@ -105,7 +106,14 @@ class MergePlan:
         if self.method == "dare":
             generator = dare_generator(self.seed, layer, projection, members)
             return methods.dare(sub, base, weights, self.density, generator, self.scale)
-        return methods.weighted_mean(sub, weights)
+        return methods.weighted_mean(sub, weights, out=self._scratch(sub[0].numel()))
+
+    def _scratch(self, numel: int) -> torch.Tensor:
+        """Return a reused float64 buffer of `numel` elements for a merge result (cast and copied out of it
+        before the next merge: see `_own`)."""
+        if self._float64_scratch is None or self._float64_scratch.numel() != numel:
+            self._float64_scratch = torch.empty(numel, dtype=torch.float64)
+        return self._float64_scratch
 
     def expert_names(self, layer: int) -> dict[str, str | list[str]]:
         """Return, per projection, the on-disk name of the tensor holding it (fused layouts: gate and up
@@ -141,6 +149,20 @@ class MergePlan:
             self._fused_gate_up = None
         return list(gate_up[:, :size] if projection == "gate" else gate_up[:, size:])
 
+    def _own(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Return `tensor`, copied if it shares reused memory: an expert read by the stream, or the float64
+        scratch buffer (a float64 output)."""
+        scratch = self._float64_scratch
+        shares_scratch = scratch is not None and tensor.untyped_storage().data_ptr() == scratch.data_ptr()
+        return tensor.clone() if self.stream.issued(tensor) or shares_scratch else tensor
+
+    def _done_with(self, projection: str, experts: list[torch.Tensor]) -> None:
+        """Hand the memory of `projection`'s experts back to the stream once nothing else reads it (a fused
+        layout's gate and up share one tensor: it goes after up)."""
+        if isinstance(self.stats, LayerwiseCalibration) or (self.moe.layout.fused and projection == "gate"):
+            return
+        self.stream.release(experts)
+
     def dense_layer(self, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Return the dense FFN (gate, up, down) in `dtype` that replaces the MoE block of `layer`.
 
@@ -164,12 +186,14 @@ class MergePlan:
             tensor = self.merge_projection(layer, projection, experts, list(range(moe.num_experts)), coefficients, base)
             if projection == "down" and moe.routed_scaling != 1.0:  # the MoE scales its routed output
                 tensor = tensor.double() * moe.routed_scaling
-            del experts, base
             if shared and projection == "down":
                 tensor = torch.cat([shared["down"].double() * shared_gate, tensor.double()], dim=1)
             elif shared:
                 tensor = torch.cat([shared[projection].double(), tensor.double()])
-            merged[projection] = tensor.to(dtype)
+            merged[projection] = self._own(tensor.to(dtype))
+            del tensor, base
+            self._done_with(projection, experts)
+            del experts
         return merged
 
     def grouped_layer(
@@ -197,7 +221,9 @@ class MergePlan:
             base = self.base.projection(moe, layer, projection, experts[projection]) if self.base is not None else None
             for members in groups:
                 tensor = self.merge_projection(layer, projection, experts[projection], members, coefficients, base)
-                merged[projection].append(tensor.to(dtype))
+                merged[projection].append(self._own(tensor.to(dtype)))
+            del tensor, base
+            self._done_with(projection, experts[projection])
             experts[projection] = None  # drop this projection's experts before merging the next
         bias_name = moe.selection_bias_name(layer)
         rows = {"router": router, **({"bias": moe.checkpoint.tensors.get(bias_name)} if bias_name else {})}
