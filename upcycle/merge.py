@@ -190,7 +190,7 @@ def merge(
     base_ffn = BaseFFN(moe, None if base is None else str(base), method) if method in TASK_VECTOR_METHODS else None
     density = density if density is not None else DEFAULT_DENSITY.get(method, 1.0)
     texts = load_calibration_texts(calibration, calibration_samples) if calibration is not None else None
-    stream = expert_stream(moe, calibrating=texts is not None)
+    stream = expert_stream(moe, calibrating=texts is not None, grouping=experts is not None)
     stats = (
         LayerwiseCalibration(moe, texts, experts is not None, max_length, batch_size, stream)
         if texts is not None

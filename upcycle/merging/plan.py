@@ -295,15 +295,18 @@ class MergePlan:
         return tensors
 
 
-def expert_stream(moe: MoESource, calibrating: bool) -> TensorStream:
+def expert_stream(moe: MoESource, calibrating: bool, grouping: bool = False) -> TensorStream:
     """Return the stream that reads `moe`'s experts ahead of the merge: at most two projections of a layer
-    ahead, or half of one when `calibrating` (the layer-wise run then also holds a whole layer)."""
+    ahead, one when `grouping` (grouping by weights holds a whole layer), or half of one when
+    `calibrating` (the layer-wise run holds a whole layer, and its forward pass needs room)."""
     tensors = moe.checkpoint.tensors
     layer_bytes = sum(
         math.prod(tensors.shape(name)) * tensors.dtype(name).itemsize
         for name in expert_tensor_order(moe, moe.moe_layers[0])
     )
-    return tensors.stream(budget=layer_bytes // 6 if calibrating else 2 * layer_bytes // 3)
+    if calibrating:
+        return tensors.stream(budget=layer_bytes // 6)
+    return tensors.stream(budget=layer_bytes // 3 if grouping else 2 * layer_bytes // 3)
 
 
 class LayerCache:
