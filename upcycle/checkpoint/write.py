@@ -270,7 +270,7 @@ class StreamingWriter:
         return list(self._layout)
 
     # Bytes of tensors handed to the writing thread and not yet written; `write` waits beyond that.
-    QUEUED_BYTES = 128 * 2**20
+    QUEUED_BYTES = 64 * 2**20
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Hand the planned tensor `name` to the writing thread (the tensor is only read, and must not be
