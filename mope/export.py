@@ -178,10 +178,7 @@ def export(
         **settings,
     }
     try:
-        placeholder = family.shared_expert.placeholder_width if family.shared_expert else 0
-        config = build_target_config(
-            family, source_config, num_experts, top_k, expert_size, provenance, shared_expert_size=placeholder
-        )
+        config = build_target_config(family, source_config, num_experts, top_k, expert_size, provenance)
     except UpcycleError as exc:
         raise MoPEExportError(f"cannot build the {family.target_model_type} config: {exc}") from None
     config["dtype"] = dtype_name(out_dtype)

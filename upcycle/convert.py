@@ -314,11 +314,9 @@ def convert(
         routed_top_k,
         expert_size,
         provenance,
-        shared_expert_size=builder.shared_size(dense_size)
-        or (family.shared_expert.placeholder_width if family.shared_expert else 0),
+        shared_expert_size=builder.shared_size(dense_size),
         dense_layers=[layer for layer in range(num_layers) if layer not in moe_layer_list],
-        # Without shared experts, a target counting them gets its all-zero placeholder (see stock_plan).
-        shared_experts=shared_experts or (family.shared_expert.placeholder_experts if family.shared_expert else 0),
+        shared_experts=shared_experts,
         router_fields=router_fields,
     )
     if out_dtype is not None:

@@ -173,14 +173,10 @@ def compose(
         plan_recipe.top_k,
         expert_size,
         provenance,
-        # As convert: a target that always has a shared expert gets the family's all-zero placeholder.
-        shared_expert_size=builder.shared_size(expert_size)
-        or (family.shared_expert.placeholder_width if family.shared_expert else 0),
+        shared_expert_size=builder.shared_size(expert_size),
         dense_layers=[layer for layer in range(num_layers) if layer not in moe_layer_list],
         # Targets that count shared experts in expert widths (glm4_moe): the base FFN is one expert wide.
-        shared_experts=1
-        if builder.shared_size(expert_size)
-        else (family.shared_expert.placeholder_experts if family.shared_expert else 0),
+        shared_experts=1 if builder.shared_size(expert_size) else 0,
     )
     if out_dtype is not None:
         config["dtype"] = dtype_name(out_dtype)

@@ -42,7 +42,8 @@ def build_target_config(
     `dense_layers` (layers that keep their dense FFN) go to the family's `dense_layers_field` (as
     a count where the family keeps only leading layers dense: see `leading_dense_count`);
     `shared_experts` to its `shared_experts_field`; `router_fields` (the target's own field names,
-    e.g. GLM-4-MoE's n_group) are set as given.
+    e.g. GLM-4-MoE's n_group) are set as given. A target that always has a shared expert gets its
+    all-zero placeholder's width and count when none is asked for (0), as `stock_plan` writes it.
 
     Raises:
         UpcycleError: transformers rejects the resulting config, or the dense layers are not the
@@ -62,10 +63,13 @@ def build_target_config(
     fields[family.experts_field] = num_experts
     fields[family.top_k_field] = top_k
     fields[family.expert_size_field] = expert_size
+    placeholder = family.shared_expert
     if family.shared_expert_size_field:
-        fields[family.shared_expert_size_field] = shared_expert_size
+        fields[family.shared_expert_size_field] = shared_expert_size or (
+            placeholder.placeholder_width if placeholder else 0
+        )
     if family.shared_experts_field:
-        fields[family.shared_experts_field] = shared_experts
+        fields[family.shared_experts_field] = shared_experts or (placeholder.placeholder_experts if placeholder else 0)
     if family.dense_layers_leading:
         fields[family.dense_layers_field] = leading_dense_count(family, dense_layers or [])
     elif family.dense_layers_field:
