@@ -121,7 +121,8 @@ class TensorStream:
             self._condition.notify_all()
 
     def take(self, name: str) -> torch.Tensor:
-        """Return the tensor `name` (read ahead if it was requested, else now) and release its bytes.
+        """Return the tensor `name` (read ahead if it was requested, else now), freeing its place in the
+        read-ahead budget (its memory stays the caller's until `release`).
 
         Raises:
             whatever reading the tensor raised (e.g. UpcycleError for a corrupt file, KeyError for

@@ -20,7 +20,7 @@ import torch
 
 from upcycle.checkpoint import TensorStream
 from upcycle.errors import UpcycleError
-from upcycle.merging.source import PROJECTIONS, MoESource
+from upcycle.merging.source import PROJECTIONS, MoESource, fused_projection
 
 
 class _StopForward(Exception):
@@ -154,12 +154,11 @@ class LayerwiseModel:
         projection once, in the order gate, up, down."""
         if layer != self._next - 1:
             raise RuntimeError(f"layer {layer} is not the last layer run ({self._next - 1})")
-        size = self.moe.expert_size
         if projection == "down":
             return list(self._held.pop("down"))
         # Handed over after their last use (up, then down), so memory goes as soon as the merge drops them.
         gate_up = self._held["gate_up"] if projection == "gate" else self._held.pop("gate_up")
-        return list(gate_up[:, :size] if projection == "gate" else gate_up[:, size:])
+        return fused_projection(gate_up, projection, self.moe.expert_size)
 
     def _load_layer(self, index: int, module: torch.nn.Module) -> None:
         """Load decoder layer `index` from the checkpoint, its routed experts fused as transformers holds them.
@@ -195,21 +194,18 @@ class LayerwiseModel:
 
     def _read_experts(self, layer: int) -> dict[str, torch.Tensor]:
         """Return {"gate_up": (E, 2I, H), "down": (E, H, I)} of `layer`, read through the stream."""
-        moe, layout, size = self.moe, self.moe.layout, self.moe.expert_size
+        moe, size = self.moe, self.moe.expert_size
         following = [later for later in moe.moe_layers if later > layer]
         if following:
-            self._stream.request(expert_tensor_order(moe, following[0]))
-        if layout.fused:
-            return {
-                "gate_up": self._stream.take(layout.gate_up.format(layer=layer)),
-                "down": self._stream.take(layout.down.format(layer=layer)),
-            }
+            self._stream.request(moe.expert_read_order(following[0]))
+        names = moe.projection_tensor_names(layer)
+        if moe.layout.fused:
+            return {"gate_up": self._stream.take(names["gate"][0]), "down": self._stream.take(names["down"][0])}
         experts = moe.num_experts
-        templates = {"gate": layout.gate, "up": layout.up, "down": layout.down}
         gate_up = down = None
         for projection in PROJECTIONS:
             for expert in range(experts):
-                tensor = self._stream.take(templates[projection].format(layer=layer, expert=expert))
+                tensor = self._stream.take(names[projection][expert])
                 if projection == "down":
                     if down is None:
                         down = torch.empty(experts, *tensor.shape, dtype=tensor.dtype)
@@ -221,13 +217,3 @@ class LayerwiseModel:
                     gate_up[expert, rows] = tensor
                 self._stream.release([tensor])  # copied: its memory serves the next read
         return {"gate_up": gate_up, "down": down}
-
-
-def expert_tensor_order(moe: MoESource, layer: int) -> list[str]:
-    """Return the on-disk names of `layer`'s routed expert tensors in the order they are used: all gates,
-    all ups, all downs (per-expert layouts), or gate_up then down (fused)."""
-    layout = moe.layout
-    if layout.fused:
-        return [layout.gate_up.format(layer=layer), layout.down.format(layer=layer)]
-    templates = (layout.gate, layout.up, layout.down)
-    return [template.format(layer=layer, expert=e) for template in templates for e in range(moe.num_experts)]

@@ -22,8 +22,7 @@ from upcycle.merging import methods
 from upcycle.merging.base import BaseFFN
 from upcycle.merging.calibrate import LayerwiseCalibration
 from upcycle.merging.grouping import average_linkage, output_distances, weight_distances
-from upcycle.merging.layerwise import expert_tensor_order
-from upcycle.merging.source import PROJECTIONS, MoESource
+from upcycle.merging.source import PROJECTIONS, MoESource, fused_projection
 from upcycle.rng import derived_generator
 
 
@@ -43,10 +42,6 @@ class MergePlan:
     run when `stats` is one (`LayerwiseCalibration`), which loaded them already.
     """
 
-    def __post_init__(self) -> None:
-        self._fused_gate_up: torch.Tensor | None = None
-        self._float64_scratch: torch.Tensor | None = None
-
     moe: MoESource
     method: str
     experts_out: int | None
@@ -58,6 +53,10 @@ class MergePlan:
     stream: TensorStream
     expert_weights: dict[int, list[float]] = field(default_factory=dict)
     groups: dict[int, list[list[int]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._fused_gate_up: torch.Tensor | None = None
+        self._float64_scratch: torch.Tensor | None = None
 
     def dense_width(self) -> int:
         """Return the FFN width of the dense output: one expert's (all experts' for concat) plus the shared expert's."""
@@ -115,39 +114,29 @@ class MergePlan:
             self._float64_scratch = torch.empty(numel, dtype=torch.float64)
         return self._float64_scratch
 
-    def expert_names(self, layer: int) -> dict[str, str | list[str]]:
-        """Return, per projection, the on-disk name of the tensor holding it (fused layouts: gate and up
-        share `gate_up`) or the names of the routed experts' tensors (per-expert layouts)."""
-        moe, layout = self.moe, self.moe.layout
-        if layout.fused:
-            gate_up = layout.gate_up.format(layer=layer)
-            return {"gate": gate_up, "up": gate_up, "down": layout.down.format(layer=layer)}
-        templates = {"gate": layout.gate, "up": layout.up, "down": layout.down}
-        return {p: [t.format(layer=layer, expert=e) for e in range(moe.num_experts)] for p, t in templates.items()}
-
     def request_after(self, after: int) -> None:
         """Queue the experts of the first MoE layer after `after` (-1: the first) for reading ahead, in the
         order they are used (gate, up, down), so the disk reads them while this layer is computed."""
         following = [layer for layer in self.moe.moe_layers if layer > after]
         if following and not isinstance(self.stats, LayerwiseCalibration):  # which reads its own
-            self.stream.request(expert_tensor_order(self.moe, following[0]))
+            self.stream.request(self.moe.expert_read_order(following[0]))
 
     def projection_experts(self, layer: int, projection: str) -> list[torch.Tensor]:
         """Return that projection of every routed expert of `layer`, as read (views of a fused tensor)."""
         if isinstance(self.stats, LayerwiseCalibration):
             self.stats.get(layer)  # runs the layer, which loads its experts
             return self.stats.experts(layer, projection)
-        names = self.expert_names(layer)[projection]
-        if isinstance(names, list):
+        names = self.moe.projection_tensor_names(layer)[projection]
+        if not self.moe.layout.fused:
             return [self.stream.take(name) for name in names]
         if projection == "down":
-            return list(self.stream.take(names))
+            return list(self.stream.take(names[0]))
         if projection == "gate":  # gate and up are the halves of one fused tensor: read it once
-            self._fused_gate_up = self.stream.take(names)
-        gate_up, size = self._fused_gate_up, self.moe.expert_size
+            self._fused_gate_up = self.stream.take(names[0])
+        gate_up = self._fused_gate_up
         if projection == "up":
             self._fused_gate_up = None
-        return list(gate_up[:, :size] if projection == "gate" else gate_up[:, size:])
+        return fused_projection(gate_up, projection, self.moe.expert_size)
 
     def _own(self, tensor: torch.Tensor) -> torch.Tensor:
         """Return `tensor`, copied if it shares reused memory: an expert read by the stream, or the float64
@@ -302,7 +291,7 @@ def expert_stream(moe: MoESource, calibrating: bool, grouping: bool = False) -> 
     tensors = moe.checkpoint.tensors
     layer_bytes = sum(
         math.prod(tensors.shape(name)) * tensors.dtype(name).itemsize
-        for name in expert_tensor_order(moe, moe.moe_layers[0])
+        for name in moe.expert_read_order(moe.moe_layers[0])
     )
     if calibrating:
         return tensors.stream(budget=layer_bytes // 6)

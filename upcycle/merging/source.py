@@ -63,22 +63,27 @@ class MoESource:
         fused = self.family.layouts.get("fused", self.layout)
         return _common_prefix(fused.router.format(layer=layer), fused.down.format(layer=layer)).rstrip(".")
 
-    def _router_and_experts(self, layer: int) -> list[str]:
-        """Return the on-disk names of the layer's router and routed expert tensors."""
+    def projection_tensor_names(self, layer: int) -> dict[str, list[str]]:
+        """Return, per projection (gate, up, down), the on-disk tensors holding the layer's routed experts:
+        one per expert (per-expert layouts), or the one fused tensor (gate and up share `gate_up`)."""
         layout = self.layout
-        names = [layout.router.format(layer=layer)]
         if layout.fused:
-            return [*names, layout.gate_up.format(layer=layer), layout.down.format(layer=layer)]
-        for expert in range(self.num_experts):
-            names += [t.format(layer=layer, expert=expert) for t in (layout.gate, layout.up, layout.down)]
-        return names
+            gate_up = layout.gate_up.format(layer=layer)
+            return {"gate": [gate_up], "up": [gate_up], "down": [layout.down.format(layer=layer)]}
+        templates = {"gate": layout.gate, "up": layout.up, "down": layout.down}
+        return {p: [t.format(layer=layer, expert=e) for e in range(self.num_experts)] for p, t in templates.items()}
+
+    def expert_read_order(self, layer: int) -> list[str]:
+        """Return the on-disk names of the layer's routed expert tensors in the order a merge uses them:
+        all gates, all ups, all downs (per-expert layouts), or gate_up then down (fused)."""
+        names = self.projection_tensor_names(layer)
+        return list(dict.fromkeys(name for projection in PROJECTIONS for name in names[projection]))
 
     def expert_tensor_names(self, layer: int) -> list[str]:
         """Return the on-disk names of the layer's router, its selection bias (DeepSeek-V3-style routers)
         and its routed expert tensors."""
-        names = self._router_and_experts(layer)
         bias = self.selection_bias_name(layer)
-        return names if bias is None else [names[0], bias, *names[1:]]
+        return [self.layout.router.format(layer=layer), *([bias] if bias else []), *self.expert_read_order(layer)]
 
     def selection_bias_name(self, layer: int) -> str | None:
         """Return the name of the layer's expert-selection bias (`e_score_correction_bias`), or None."""
@@ -121,23 +126,10 @@ class MoESource:
         templates = {"gate": shared.gate, "up": shared.up, "down": shared.down}
         return {p: self.checkpoint.tensors.get(t.format(layer=layer)) for p, t in templates.items()}
 
-    def expert_stacks(self, layer: int) -> dict[str, torch.Tensor]:
-        """Return {"gate": (E, I, H), "up": (E, I, H), "down": (E, H, I)}: all routed experts of one layer.
 
-        This is the unit of memory of a merge: one layer's experts, read in either layout.
-        """
-        tensors, layout, size = self.checkpoint.tensors, self.layout, self.expert_size
-        if layout.fused:
-            gate_up = tensors.get(layout.gate_up.format(layer=layer))
-            down = tensors.get(layout.down.format(layer=layer))
-            return {"gate": gate_up[:, :size], "up": gate_up[:, size:], "down": down}
-        templates = {"gate": layout.gate, "up": layout.up, "down": layout.down}
-        return {
-            projection: torch.stack(
-                [tensors.get(template.format(layer=layer, expert=e)) for e in range(self.num_experts)]
-            )
-            for projection, template in templates.items()
-        }
+def fused_projection(gate_up: torch.Tensor, projection: str, size: int) -> list[torch.Tensor]:
+    """Return the gate (first `size` rows) or up (the rest) of every expert of a fused (E, 2I, H) tensor, as views."""
+    return list(gate_up[:, :size] if projection == "gate" else gate_up[:, size:])
 
 
 def moe_config_object(config: dict, **changes):
