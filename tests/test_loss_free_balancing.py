@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from test_recipes import RECIPE, ROOT, SMOKE, TOKENIZER, _env, _free_port
 from torch import nn
 
-from upcycle.training.balancing import RoutingCapture, balance_selection_biases, biased_routers
+from upcycle.families.moe_fields import biased_routers
+from upcycle.training.balancing import RoutingCapture, balance_selection_biases
 from upcycle.training.config import ConfigError, config_from_dict
 
 RATE = 0.02

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from upcycle.errors import UpcycleError, flag
-from upcycle.families.moe_fields import TOP_K_FIELDS, first_positive_field
+from upcycle.families.moe_fields import TOP_K_FIELDS, biased_routers, first_positive_field
 from upcycle.moe import apply_capacity, expert_capacity, moe_modules
 from upcycle.options import check_count, check_real
 from upcycle.progress import progress
@@ -190,17 +190,6 @@ def _stock_layers(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[tupl
     return layers
 
 
-def _biased_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Return the stock routers that choose experts with a selection bias (DeepSeek-V3 style: a `weight`
-    and an `e_score_correction_bias`, returning (logits, top-k weights, top-k indices)), by module name."""
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, "e_score_correction_bias", None), torch.Tensor)
-        and isinstance(getattr(module, "weight", None), torch.Tensor)
-    ]
-
-
 def _biased_router_layers(
     model: nn.Module, routers: list[tuple[str, nn.Module]], batch: dict[str, torch.Tensor]
 ) -> list[tuple[str, dict[str, torch.Tensor]]]:
@@ -301,7 +290,7 @@ def analyze_routing(
     bucket_of = torch.arange(max_length) * num_buckets // max_length
     edges = [[int((bucket_of == b).nonzero().min()), int((bucket_of == b).nonzero().max())] for b in range(num_buckets)]
     blocks = moe_modules(model)
-    routers = [] if blocks else _biased_routers(model)
+    routers = [] if blocks else biased_routers(model)
     kind = "generic" if blocks else "stock"
     vocab_size = int(model.get_input_embeddings().num_embeddings)
     accumulators: dict[str, _LayerAccumulator] = {}

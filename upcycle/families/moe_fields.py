@@ -6,7 +6,10 @@ top-k, and how each stock class turns router logits into expert weights. `upcycl
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
 
 # Config fields that hold the routed expert count / experts per token, across stock MoE classes,
 # in the order they are tried.
@@ -32,6 +35,8 @@ ROUTER_KINDS: dict[str, tuple[str, bool | str]] = {
     "glm4_moe": ("sigmoid_grouped_topk", "norm_topk_prob"),
     "dots1": ("sigmoid_grouped_topk", "norm_topk_prob"),
 }
+# The per-expert selection bias of DeepSeek-V3-style routers (a buffer on the router module).
+BIAS_BUFFER = "e_score_correction_bias"
 # The grouped router's config fields, reported by `router_kind` under these keys.
 GROUPED_ROUTER_FIELDS = {"groups": "n_group", "top_groups": "topk_group", "routed_scaling": "routed_scaling_factor"}
 
@@ -56,3 +61,18 @@ def router_kind(config: Mapping[str, Any]) -> dict[str, Any]:
     if kind == "sigmoid_grouped_topk":
         info |= {key: config.get(name) for key, name in GROUPED_ROUTER_FIELDS.items()}
     return info
+
+
+def biased_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Return ``(module_name, module)`` for every DeepSeek-V3-style router of `model`, in module
+    order: a module owning both its projection ``weight`` (a parameter) and an
+    ``e_score_correction_bias`` buffer. MiniMax-M2 keeps the bias on the MoE block and passes it to
+    its gate, Ernie-4.5-MoE makes it a parameter: neither is a router of this kind."""
+    import torch
+
+    routers = []
+    for name, module in model.named_modules():
+        buffers, parameters = dict(module.named_buffers(recurse=False)), dict(module.named_parameters(recurse=False))
+        if isinstance(buffers.get(BIAS_BUFFER), torch.Tensor) and "weight" in parameters:
+            routers.append((name, module))
+    return routers

@@ -28,23 +28,10 @@ import torch
 from torch import nn
 
 from upcycle.errors import UpcycleError
+from upcycle.families.moe_fields import BIAS_BUFFER
 from upcycle.moe import loss_free_bias_delta
 
-BIAS_BUFFER = "e_score_correction_bias"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def biased_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Return ``(module_name, module)`` for every DeepSeek-V3-style router of `model`, in module
-    order: a module owning both its projection ``weight`` (a parameter) and an
-    ``e_score_correction_bias`` buffer. MiniMax-M2 keeps the bias on the MoE block and passes it to
-    its gate, Ernie-4.5-MoE makes it a parameter: neither is a router of this kind."""
-    routers = []
-    for name, module in model.named_modules():
-        buffers, parameters = dict(module.named_buffers(recurse=False)), dict(module.named_parameters(recurse=False))
-        if isinstance(buffers.get(BIAS_BUFFER), torch.Tensor) and "weight" in parameters:
-            routers.append((name, module))
-    return routers
 
 
 def layer_name(module_name: str) -> str:

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from upcycle.training.balancing import RoutingCapture, balance_selection_biases, biased_routers
+from upcycle.families.moe_fields import biased_routers
+from upcycle.training.balancing import RoutingCapture, balance_selection_biases
 from upcycle.training.checkpoints import MetricsLog, clear_output, remove_incomplete_checkpoints
 from upcycle.training.config import ConfigError, RecipeConfig, TrainSection
 from upcycle.training.data import EpochShuffleSampler, PadCollator, count_target_tokens

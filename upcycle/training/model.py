@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from upcycle.errors import MOPE_IMPORT_HINT, UpcycleError
-from upcycle.training.balancing import biased_routers
+from upcycle.families.moe_fields import biased_routers
 from upcycle.training.config import ConfigError, RecipeConfig
 
 # Parameter names in transformers-5 MoE models (Mixtral/Qwen2Moe/Qwen3Moe/FlexOlmo/Olmoe:
