@@ -161,6 +161,21 @@ def test_ties_at_the_default_chunk_sizes_over_several_chunks_and_threads():
     )
 
 
+@pytest.mark.parametrize("zero_share, density", [(1.0, 0.3), (0.9, 0.5), (0.9, 0.05), (0.5, 0.5)])
+def test_ties_when_most_task_vector_entries_are_zero(zero_share, density):
+    """Experts equal to the base in most entries (all: copy-upcycled, untrained): the threshold's sampled
+    bracket is one value, 0, which may or may not be the answer; the bits are the reference's either way."""
+    generator = torch.Generator().manual_seed(5)
+    base = (0.02 * torch.randn(257, 1031, generator=generator)).bfloat16()  # > 4 x the threshold's sample
+    experts = (base + 0.002 * torch.randn(4, 257, 1031, generator=generator)).bfloat16()
+    same = torch.rand(4, 257, 1031, generator=generator) < zero_share
+    experts[same] = base.expand_as(experts)[same]
+    coefficients = torch.tensor([1.0, 2.0, 0.5, 1.0], dtype=torch.float64)
+    assert bits(methods.ties(list(experts), base, coefficients, density)) == bits(
+        reference_ties(experts, base, coefficients, density, 1.0)
+    )
+
+
 def test_ties_refuses_negative_coefficients():
     with pytest.raises(ValueError, match="non-negative"):
         methods.ties(torch.zeros(2, 3, 3), torch.zeros(3, 3), torch.tensor([1.0, -0.5]), 0.5)
