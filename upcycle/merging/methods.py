@@ -215,11 +215,13 @@ def _kth_smallest_magnitude(expert: torch.Tensor, base: torch.Tensor, k: int) ->
 
     The magnitudes are never materialised: an evenly spaced sample brackets the answer, one chunked pass
     counts the magnitudes below the bracket and keeps those inside (about 1.6%), and np.partition picks
-    among them; if the answer lies outside, a second pass over that side finds it. When the bracket is one value
-    (experts equal to the base: every magnitude 0), a counting pass finds whether it is the answer without
-    gathering the magnitudes equal to it (all of them: gathering and partitioning them took 70% of a merge's time). Measured per element:
+    among them; if the answer lies outside, a second pass over that side finds it. Measured per element:
     0.35 ns for the magnitude, ~0.5 ns for numpy's comparisons; the radix select it replaced (bincount of
     the upper 16 bits, then the bin's members) took ~2.5 ns, torch.kthvalue 44 ns.
+
+    When the bracket is one value (experts equal to the base: every magnitude 0), a counting pass finds
+    whether it is the answer without gathering the magnitudes equal to it (all of them, for untrained
+    copies: gathering and partitioning them took 43% of merge ties' samples on scripts/bench/scale.py).
     """
     numel = base.numel()
     stride = max(1, numel // _SAMPLE)
