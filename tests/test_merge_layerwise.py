@@ -1,13 +1,17 @@
 """Layer-wise calibration (`upcycle.merging.layerwise`): the MoE run one decoder layer at a time gives the
 same routing statistics, bit for bit, as the whole model loaded in transformers."""
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors import safe_open
 from tiny_models import DENSE_CASES
 from transformers import AutoModelForCausalLM
 
 from upcycle.calibration import RoutingRecorder, collect_routing_statistics
 from upcycle.convert import convert
+from upcycle.merge import merge
 from upcycle.merging.calibrate import moe_layer_probe
 from upcycle.merging.layerwise import LayerwiseModel
 from upcycle.merging.plan import expert_stream
@@ -81,3 +85,23 @@ def test_layerwise_statistics_equal_the_whole_model_bitwise(dense_models, tmp_pa
     assert torch.equal(torch.stack(runner.experts(last, "gate")), experts["gate_up_proj"][:, :size])
     assert torch.equal(torch.stack(runner.experts(last, "up")), experts["gate_up_proj"][:, size:])
     assert torch.equal(torch.stack(runner.experts(last, "down")), experts["down_proj"])
+
+
+def test_calibrated_select_writes_each_layers_own_chosen_expert(tmp_path):
+    """`select` returns a view of the calibration's expert stacks, which the next layer is read into: what is
+    written for each layer must still be that layer's expert (the merge copies such views before handing them
+    to the writer's thread)."""
+    example = Path(__file__).parents[1] / "examples" / "tiny-llama"
+    convert(example, tmp_path / "moe", experts=3, top_k=2, method="drop", drop_ratio=0.5, quiet=True)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"calibration text number {i} about the {i % 5} foxes" for i in range(24)))
+    summary = merge(tmp_path / "moe", tmp_path / "out", method="select", calibration=corpus, quiet=True)
+    moe = open_moe(tmp_path / "moe")
+    assert len(moe.moe_layers) > 1
+    with safe_open(str(next((tmp_path / "out").glob("*.safetensors"))), framework="pt") as merged:
+        for layer in moe.moe_layers:
+            chosen = max(range(3), key=lambda expert: summary.expert_weights[layer][expert])
+            for projection in ("gate", "up", "down"):
+                expert = moe.checkpoint.tensors.get(moe.projection_tensor_names(layer)[projection][chosen])
+                written = merged.get_tensor(f"model.layers.{layer}.mlp.{projection}_proj.weight")
+                assert torch.equal(written, expert), (layer, projection)

@@ -89,6 +89,10 @@ class LayerwiseCalibration:
                 self._recorder.__exit__()
         return self._recorder.stats[layer]
 
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Return whether `tensor` shares memory the next layer's experts will be read into."""
+        return self._runner.holds(tensor)
+
     def experts(self, layer: int, projection: str) -> list[torch.Tensor]:
         """Return `projection` of every routed expert of `layer` (the layer last run), from memory."""
         return self._runner.experts(layer, projection)

@@ -94,6 +94,10 @@ class LayerwiseModel:
             base.rotary_emb = type(base.rotary_emb)(config=base.config)
         self._next = 0
         self._held: dict[str, torch.Tensor] = {}
+        # The fused stacks the last layer's experts were copied into, refilled by the next layer: fresh ones
+        # cost a page fault per 4 KiB and the kernel zeroing them (805 MB a layer at the 1B shape; with the
+        # copy, 18% of merge frequency's samples in scripts/bench/scale.py).
+        self._stacks: dict[str, torch.Tensor] = {}
         self._inputs = self._record_layer_inputs(base)
 
     def _materialize(self, module: torch.nn.Module) -> None:
@@ -149,6 +153,11 @@ class LayerwiseModel:
             module.to("meta")
             self._next += 1
 
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Return whether `tensor` shares the memory of the experts' stacks, which the next layer overwrites."""
+        address = tensor.untyped_storage().data_ptr()
+        return any(stack.untyped_storage().data_ptr() == address for stack in self._stacks.values())
+
     def experts(self, layer: int, projection: str) -> list[torch.Tensor]:
         """Return `projection` of every routed expert of `layer`, the last layer run, from memory; each
         projection once, in the order gate, up, down."""
@@ -193,7 +202,8 @@ class LayerwiseModel:
         module.load_state_dict(state, strict=True, assign=True)
 
     def _read_experts(self, layer: int) -> dict[str, torch.Tensor]:
-        """Return {"gate_up": (E, 2I, H), "down": (E, H, I)} of `layer`, read through the stream."""
+        """Return {"gate_up": (E, 2I, H), "down": (E, H, I)} of `layer`, read through the stream (into the
+        previous layer's stacks where the shapes agree: nothing may hold them any more, see `holds`)."""
         moe, size = self.moe, self.moe.expert_size
         following = [later for later in moe.moe_layers if later > layer]
         if following:
@@ -201,19 +211,17 @@ class LayerwiseModel:
         names = moe.projection_tensor_names(layer)
         if moe.layout.fused:
             return {"gate_up": self._stream.take(names["gate"][0]), "down": self._stream.take(names["down"][0])}
-        experts = moe.num_experts
-        gate_up = down = None
+        experts, spare, self._stacks = moe.num_experts, self._stacks, {}
         for projection in PROJECTIONS:
             for expert in range(experts):
                 tensor = self._stream.take(names[projection][expert])
-                if projection == "down":
-                    if down is None:
-                        down = torch.empty(experts, *tensor.shape, dtype=tensor.dtype)
-                    down[expert] = tensor
-                else:
-                    if gate_up is None:
-                        gate_up = torch.empty(experts, 2 * size, tensor.shape[1], dtype=tensor.dtype)
-                    rows = slice(0, size) if projection == "gate" else slice(size, 2 * size)
-                    gate_up[expert, rows] = tensor
+                key = "down" if projection == "down" else "gate_up"
+                if key not in self._stacks:
+                    shape = (experts, *tensor.shape) if key == "down" else (experts, 2 * size, tensor.shape[1])
+                    reused = spare.get(key)
+                    fits = reused is not None and reused.shape == shape and reused.dtype == tensor.dtype
+                    self._stacks[key] = reused if fits else torch.empty(shape, dtype=tensor.dtype)
+                rows = slice(None) if key == "down" else slice(0, size) if projection == "gate" else slice(size, None)
+                self._stacks[key][expert, rows] = tensor
                 self._stream.release([tensor])  # copied: its memory serves the next read
-        return {"gate_up": gate_up, "down": down}
+        return dict(self._stacks)

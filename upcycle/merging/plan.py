@@ -139,11 +139,12 @@ class MergePlan:
         return fused_projection(gate_up, projection, self.moe.expert_size)
 
     def _own(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Return `tensor`, copied if it shares reused memory: an expert read by the stream, or the float64
-        scratch buffer (a float64 output)."""
+        """Return `tensor`, copied if it shares reused memory: an expert read by the stream or held by the
+        layer-wise calibration, or the float64 scratch buffer (a float64 output)."""
         scratch = self._float64_scratch
         shares_scratch = scratch is not None and tensor.untyped_storage().data_ptr() == scratch.data_ptr()
-        return tensor.clone() if self.stream.issued(tensor) or shares_scratch else tensor
+        calibration_held = isinstance(self.stats, LayerwiseCalibration) and self.stats.holds(tensor)
+        return tensor.clone() if self.stream.issued(tensor) or shares_scratch or calibration_held else tensor
 
     def _done_with(self, projection: str, experts: list[torch.Tensor]) -> None:
         """Hand the memory of `projection`'s experts back to the stream once nothing else reads it (a fused
