@@ -141,7 +141,8 @@ class TensorStream:
 
     def release(self, tensors: list[torch.Tensor]) -> None:
         """Take back the memory of `tensors` (taken from this stream; views of them included) for later reads,
-        up to `budget` bytes kept.
+        as long as the buffers kept and the tensors read ahead come to at most `budget` bytes (so the stream
+        never holds more).
 
         The caller must hold no other view of them: their bytes will be overwritten. Tensors the
         stream did not read (the ordinary reader's) are ignored.
@@ -152,8 +153,9 @@ class TensorStream:
                 key = (storage.data_ptr(), storage.nbytes())
                 if key in self._issued:
                     self._issued.discard(key)
-                    if sum(size * len(buffers) for size, buffers in self._free.items()) + key[1] > self._budget:
-                        continue  # at most `budget` bytes kept for reuse; the rest goes back to the system
+                    kept = sum(size * len(buffers) for size, buffers in self._free.items())
+                    if kept + self._held + key[1] > self._budget:
+                        continue  # goes back to the system
                     buffer = torch.empty(0, dtype=torch.uint8).set_(storage)  # the whole buffer again
                     self._free.setdefault(buffer.numel(), []).append(buffer)
 

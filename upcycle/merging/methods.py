@@ -114,13 +114,16 @@ def _in_parallel(work: Callable[[int, int], None], numel: int, chunk: int = CHUN
 def weighted_mean(
     stack: torch.Tensor | Sequence[torch.Tensor], coefficients: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Return sum_e c_e * stack[e] / sum_e c_e in float64 (all-zero coefficients: the plain mean).
+    """Return sum_e c_e * stack[e] / sum_e c_e (all-zero coefficients: the plain mean), in float64 or in
+    the dtype of `out`.
 
     `stack` is a tensor (E, ...) or a sequence of E tensors. Accumulated in float64 one expert at a
     time, chunk by chunk in preallocated buffers: the same operations on every element as summing
-    whole float64 copies of the experts, so the same bits, without the copies. `out`, a float64
-    tensor with one expert's number of elements, receives the result (a caller merging many
-    projections reuses one: a fresh 128 MiB result per projection cost a page fault per 4 KiB).
+    whole float64 copies of the experts, so the same bits, without the copies. `out`, a tensor with
+    one expert's number of elements, receives the result: a float64 one is accumulated into (a caller
+    merging many projections reuses one: a fresh 128 MiB result per projection cost a page fault per
+    4 KiB); one of another dtype gets each chunk cast as it is done, the bits of casting the float64
+    result afterwards, without a float64 result in memory or a pass over it.
     """
     coefficients = coefficients.double()
     if coefficients.sum() <= 0:
@@ -132,14 +135,17 @@ def weighted_mean(
 
     def span(start: int, end: int) -> None:
         buffer = torch.empty(ELEMENTWISE_CHUNK, dtype=torch.float64)
+        staging = None if total.dtype == torch.float64 else torch.empty(ELEMENTWISE_CHUNK, dtype=torch.float64)
         for first, last in _chunks(start, end, ELEMENTWISE_CHUNK):
-            accumulator = total[first:last]
+            accumulator = total[first:last] if staging is None else staging[: last - first]
             term = buffer[: last - first]
             accumulator.zero_()
             for flat, coefficient in used:
                 term.copy_(flat[first:last])
                 accumulator.add_(term if coefficient == 1.0 else term.mul_(coefficient))  # x * 1.0 is x
             accumulator.div_(divisor)
+            if staging is not None:
+                total[first:last].copy_(accumulator)
 
     _in_parallel(span, total.numel(), ELEMENTWISE_CHUNK)
     return total.view(shape)
