@@ -51,3 +51,33 @@ def test_a_name_taken_without_a_request_is_read_on_the_spot_and_not_recycled(tmp
     assert torch.equal(c, tensors["c"]) and not stream.issued(c)
     stream.release([c])  # not the stream's memory: ignored
     assert torch.equal(c, tensors["c"])
+
+
+def test_memory_kept_for_reuse_and_read_ahead_stay_within_the_budget(tmp_path):
+    """Buffers handed back are kept for reuse only while they and the tensors read ahead fit in the budget:
+    the stream never holds more than its budget (it held up to twice that)."""
+    generator = torch.Generator().manual_seed(1)
+    tensors = {name: torch.randn(64, 64, generator=generator) for name in "abcdef"}  # 16 KiB each
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    lazy = open_checkpoint(tmp_path).tensors
+    probe = lazy.stream(budget=1 << 30)
+    probe.request(["a"])
+    buffer_bytes = probe.take("a").untyped_storage().nbytes()  # 16 KiB and the alignment slack
+    stream = lazy.stream(budget=2 * buffer_bytes)
+
+    def kept() -> int:
+        return sum(size * len(buffers) for size, buffers in stream._free.items())
+
+    stream.request(list("abcdef"))
+    taken = [stream.take("a"), stream.take("b")]
+    for name in "cd":  # the stream reads two ahead, its whole budget
+        assert torch.equal(stream._futures[name].result(), tensors[name])
+    stream.release(taken)
+    assert kept() == 0  # read-ahead and kept buffers together would exceed the budget
+    for name in "cdef":
+        tensor = stream.take(name)
+        assert torch.equal(tensor, tensors[name])
+        stream.release([tensor])
+        assert kept() + stream._held <= 2 * buffer_bytes
+    assert 0 < kept() <= 2 * buffer_bytes  # nothing left to read: what is handed back is kept
