@@ -119,8 +119,12 @@ class _ExpertWeights:
         return weight + self.block.expert_delta_weights(self.adapter_name, _MOPE_PROJECTIONS[projection]).float()
 
     def one(self, projection: str, expert: int) -> torch.Tensor:
-        """(out, in) weight of one expert on one projection."""
-        return self.all(projection)[expert] if _MOPE_PROJECTIONS[projection] in self.adapted else self.dense[projection]
+        """(out, in) weight of one expert on one projection (float32 where adapted)."""
+        if _MOPE_PROJECTIONS[projection] not in self.adapted:
+            return self.dense[projection]
+        delta = self.block.expert_delta_weights(self.adapter_name, _MOPE_PROJECTIONS[projection], expert)
+        # float32(W) + float32(delta), added in place into a copy: each 64 MiB temporary costs a page fault per 4 KiB
+        return self.dense[projection].to(torch.float32, copy=True).add_(delta)
 
 
 def _empty_shared_expert(family: FamilyPair, layer: int, hidden: int, planned, dtype) -> list[PlannedTensor]:

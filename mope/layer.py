@@ -321,16 +321,21 @@ class GatedFFNBlock(nn.Module, MoPELayer):
         """The projections of this block that carry experts of ``adapter_name``."""
         return tuple(self.mope_A[adapter_name].keys())
 
-    def expert_delta_weights(self, adapter_name: str, projection: str) -> torch.Tensor:
+    def expert_delta_weights(self, adapter_name: str, projection: str, expert: int | None = None) -> torch.Tensor:
         """Return the (E, out, in) weight change of each expert on one projection, the shared
-        expert and the scaling included (expert i's weight is ``W + result[i]``)."""
+        expert and the scaling included (expert i's weight is ``W + result[i]``); with `expert`,
+        that expert's (out, in) change alone, the same values (an exporter writing one expert at a
+        time computed all E for each: 8x the work and the memory at E = 8)."""
         lora_a = self.mope_A[adapter_name][projection]
         lora_b = self.mope_B[adapter_name][projection]
+        if expert is not None:
+            lora_b = lora_b[expert : expert + 1]
+            lora_a = lora_a[expert : expert + 1] if lora_a.shape[0] > 1 else lora_a
         delta = torch.einsum("eor,eri->eoi", lora_b, lora_a.expand(lora_b.shape[0], -1, -1))
         if adapter_name in self.mope_shared_A:
-            shared = self.mope_shared_B[adapter_name][projection] @ self.mope_shared_A[adapter_name][projection]
-            delta = delta + shared
-        return delta * self.scaling[adapter_name]
+            delta.add_(self.mope_shared_B[adapter_name][projection] @ self.mope_shared_A[adapter_name][projection])
+        delta.mul_(self.scaling[adapter_name])  # in place: no second (E, out, in) tensor
+        return delta if expert is None else delta[0]
 
     def check_mergeable(self, adapter_name: str) -> None:
         """Raise `MoPEMergeError` unless the block has one expert: a weighted sum of several FFNs is

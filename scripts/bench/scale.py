@@ -9,6 +9,10 @@ other, with every input file dropped from the page cache first (posix_fadvise DO
 - `upcycle convert` into 8 experts (13.75 GB);
 - `upcycle merge` of that MoE back into a dense model: `average`, `frequency` (with a small
   calibration file), `ties` (against the dense model) and `--experts 4`;
+- `upcycle export` of a block-routed MoPE adapter (8 LoRA experts of rank 16 on the FFN, top-2,
+  random non-zero weights; built once with PEFT and kept next to the dense model) into the same
+  8-expert MoE: it loads the dense model whole (the export works from the PEFT model in memory)
+  and writes through the same streaming writer;
 - `mergekit-moe` on the same conversion, if found (`--mergekit-moe PATH`, default: on PATH).
 
 Each job is timed to durable: the process plus a `sync` after it. The disk's limit for a job is
@@ -42,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 FULL = {"hidden": 2048, "intermediate": 8192, "layers": 16, "heads": 32, "kv_heads": 8, "vocab": 128256}
 SMALL = {"hidden": 512, "intermediate": 2048, "layers": 4, "heads": 8, "kv_heads": 2, "vocab": 32000}
-JOBS = ("convert", "average", "frequency", "ties", "experts4", "mergekit-moe")
+JOBS = ("convert", "average", "frequency", "ties", "experts4", "export", "mergekit-moe")
 
 
 def llama_config(shape: dict) -> dict:
@@ -107,6 +111,31 @@ def make_dense(directory: Path, shape: dict) -> None:
     (tmp / "config.json").write_text(json.dumps(llama_config(shape), indent=2) + "\n")
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copyfile(REPO / "examples" / "tiny-llama" / name, tmp / name)
+    tmp.rename(directory)
+
+
+def make_mope_adapter(directory: Path, dense: Path) -> None:
+    """Save a block-routed MoPE adapter for `dense`: 8 experts of rank 16 on gate/up/down, top-2, with random
+    non-zero LoRA and router weights (the bytes an export writes do not depend on their values)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import mope
+
+    model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.bfloat16)
+    config = mope.MoPEConfig(
+        num_experts=8, top_k=2, r=16, routing="block", target_modules=["gate_proj", "up_proj", "down_proj"]
+    )
+    model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name or "mope_router" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    tmp = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
     tmp.rename(directory)
 
 
@@ -235,6 +264,18 @@ def main() -> None:
         inputs = [moe, dense] if job == "ties" else [moe]
         out = work / f"merged-{job}"
         run(f"merge {job}", [*cli, "merge", str(moe), str(out), *options, "--quiet"], inputs, out)
+        shutil.rmtree(out, ignore_errors=True)
+    if "export" in jobs:
+        adapter = work / "mope-adapter"
+        if not (adapter / "adapter_config.json").exists():
+            make_mope_adapter(adapter, dense)
+        out = work / "exported"
+        run(
+            "export",
+            [*cli, "export", str(adapter), str(out), "--base-model", str(dense), "--quiet"],
+            [dense, adapter],
+            out,
+        )
         shutil.rmtree(out, ignore_errors=True)
     if "mergekit-moe" in jobs:
         if args.mergekit_moe:

@@ -163,3 +163,18 @@ def test_a_base_without_an_exact_stock_moe_twin_is_refused(model_type, fields, m
     with pytest.raises(mope.MoPEExportError, match=message):
         mope.export(_adapted(base_dir), tmp_path / "moe")
     assert not (tmp_path / "moe").exists() and _leftovers(tmp_path / "moe") == []
+
+
+@pytest.mark.parametrize("share_a", [False, True])
+def test_one_experts_delta_is_that_expert_of_all_deltas_bitwise(share_a):
+    """The exporter computes each expert's weights alone (it computed all E for each one): the same bits."""
+    from mope_testlib import mope_model
+
+    model = mope_model(routing="block", num_experts=4, share_a=share_a, shared_expert=True)
+    blocks = [module for module in model.modules() if hasattr(module, "expert_delta_weights")]
+    assert blocks
+    for block in blocks:
+        for projection in block.adapted_projections("default"):
+            every = block.expert_delta_weights("default", projection)
+            for expert in range(4):
+                assert torch.equal(block.expert_delta_weights("default", projection, expert), every[expert])
