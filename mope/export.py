@@ -57,6 +57,7 @@ from upcycle.checkpoint import (
 from upcycle.errors import UpcycleError, flag
 from upcycle.families import find_family
 from upcycle.families.configs import build_target_config
+from upcycle.progress import progress_bars
 from upcycle.summaries import ConvertSummary, active_parameters
 
 _LINEAR_ROUTING_MESSAGE = (
@@ -266,8 +267,9 @@ def export_adapter(
     if not base_source:
         raise MoPEExportError(f"{adapter} does not name its base model; pass the base model explicitly.")
     checkpoint = open_checkpoint(base_source, revision=revision)
-    base = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype="auto")
-    peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    with progress_bars(not quiet):  # transformers' "Loading weights" bar too
+        base = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype="auto")
+        peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
     peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = checkpoint.name
     return export(
         peft_model,

@@ -115,11 +115,13 @@ def test_cli_converts_a_saved_adapter_with_tokenizer_files_card_and_provenance(t
     model = _adapted(base_dir, shared_expert=True)
     model.save_pretrained(tmp_path / "adapter")
     expected = _logits(model)
+    capsys.readouterr()
 
     code = upcycle_main(
         ["convert", str(base_dir), str(tmp_path / "moe"), "--from-mope", str(tmp_path / "adapter"), "--quiet"]
     )
     assert code == 0
+    assert "Loading weights" not in capsys.readouterr().err  # --quiet silences transformers' bar too
     torch.testing.assert_close(_stock_logits(tmp_path / "moe"), expected, rtol=0, atol=1e-5)
     provenance = json.loads((tmp_path / "moe" / "config.json").read_text())["upcycle"]
     assert provenance["source"] == str(base_dir) and provenance["adapter"] == str(tmp_path / "adapter")
