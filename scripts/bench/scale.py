@@ -8,7 +8,7 @@ other, with every input file dropped from the page cache first (posix_fadvise DO
 
 - `upcycle convert` into 8 experts (13.75 GB);
 - `upcycle merge` of that MoE back into a dense model: `average`, `frequency` (with a small
-  calibration file), `ties` (against the dense model) and `--experts 4`;
+  calibration file), `ties` and `dare` (against the dense model) and `--experts 4`;
 - `upcycle export` of a block-routed MoPE adapter (8 LoRA experts of rank 16 on the FFN, top-2,
   random non-zero weights; built once with PEFT and kept next to the dense model) into the same
   8-expert MoE: it loads the dense model whole (the export works from the PEFT model in memory)
@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 FULL = {"hidden": 2048, "intermediate": 8192, "layers": 16, "heads": 32, "kv_heads": 8, "vocab": 128256}
 SMALL = {"hidden": 512, "intermediate": 2048, "layers": 4, "heads": 8, "kv_heads": 2, "vocab": 32000}
-JOBS = ("convert", "average", "frequency", "ties", "experts4", "export", "mergekit-moe")
+JOBS = ("convert", "average", "frequency", "ties", "dare", "experts4", "export", "mergekit-moe")
 
 
 def llama_config(shape: dict) -> dict:
@@ -256,12 +256,13 @@ def main() -> None:
             "32",
         ],
         "ties": ["--method", "ties", "--base", str(dense)],
+        "dare": ["--method", "dare", "--base", str(dense)],
         "experts4": ["--experts", "4"],
     }
     for job, options in merges.items():
         if job not in jobs:
             continue
-        inputs = [moe, dense] if job == "ties" else [moe]
+        inputs = [moe, dense] if job in ("ties", "dare") else [moe]
         out = work / f"merged-{job}"
         run(f"merge {job}", [*cli, "merge", str(moe), str(out), *options, "--quiet"], inputs, out)
         shutil.rmtree(out, ignore_errors=True)

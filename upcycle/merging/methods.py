@@ -53,6 +53,9 @@ CHUNK = 1 << 14
 # 214k context switches (15% of its samples in the scheduler, perf). Measured per projection (8 x (8192, 2048)
 # bfloat16, a script beside scripts/bench/merge_methods.py): weighted_mean 0.18 -> 0.08 s wall, 0.23 -> 0.14 s CPU.
 ELEMENTWISE_CHUNK = 1 << 16
+# Elements per chunk of DARE's mask drawing and merge: fewer, larger torch and numpy calls (a float32 chunk is 1 MiB,
+# in L2), as the thread drawing masks and the two merging spans all take the GIL for each call.
+DARE_CHUNK = 1 << 18
 # Elements per chunk of ties' main pass where a whole one fits: the same bits as chunks of CHUNK (full chunks of
 # either size sum the experts in order), 4x fewer torch calls. Measured on merge ties in scripts/bench/scale.py:
 # 41 -> 35 s, 56 -> 50 CPU s.
@@ -343,48 +346,62 @@ def _expert_rows(buffer: torch.Tensor, experts: int, length: int) -> torch.Tenso
     return buffer[: experts * CHUNK].view(experts, CHUNK)[:, :length]
 
 
+def dare_masks(generator: torch.Generator, experts: int, numel: int, density: float) -> list[np.ndarray]:
+    """Return DARE's keep masks of `experts` experts of `numel` entries, drawn from `generator` in expert order
+    (which advances it as whole-tensor torch.rand calls would: drawn chunk by chunk, the stream is the same),
+    packed 8 entries a byte (np.packbits of rand < density): 2 MiB per expert at the 1B shape, not 64.
+
+    Drawing is serial (one generator, ~3.5 ns per entry), so a merge draws the next projections' masks on
+    another thread while this one is merged (`upcycle.merging.plan`): each projection has its own generator.
+    """
+    draws = torch.empty(DARE_CHUNK, dtype=torch.float32)
+    masks = []
+    for _ in range(experts):
+        packed = np.empty(-(-numel // 8), dtype=np.uint8)
+        for first, last in _chunks(0, numel, DARE_CHUNK):  # chunks of a multiple of 8: whole bytes
+            chunk = torch.rand(last - first, generator=generator, out=draws[: last - first])
+            packed[first // 8 : -(-last // 8)] = np.packbits(chunk.numpy() < density)
+        masks.append(packed)
+    return masks
+
+
 def dare(
     stack: torch.Tensor | Sequence[torch.Tensor],
     base: torch.Tensor,
     coefficients: torch.Tensor,
     density: float,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     scale: float = 1.0,
+    masks: list[np.ndarray] | None = None,
 ) -> torch.Tensor:
     """Return base + scale * sum_e w_e * drop_rescale(stack[e] - base) (DARE, float32).
 
-    The masks are drawn from `generator`, one per expert in order, which advances it, as whole-tensor
-    torch.rand calls would. Drawing is serial (one generator: ~6.4 ns per element, most of the time), so
-    the next expert's mask is drawn while a worker thread adds in the previous expert, chunk by chunk.
+    The masks are `dare_masks(generator, ...)`, one per expert in order, or `masks` when drawn already
+    (then `generator` is not used). The experts are added in order, chunk by chunk, in parallel spans.
     """
     weights = normalized(coefficients).tolist()
     flats, _ = _flat_experts(stack)
     shape = base.shape
-    base = base.float().reshape(-1)
+    # bfloat16 and float16 become float32 exactly inside each operation: no float32 copy of the base
+    base = (base if base.dtype in (torch.bfloat16, torch.float16, torch.float32) else base.float()).reshape(-1)
     numel = base.numel()
-    merged = torch.zeros(numel, dtype=torch.float32)
-    masks = [torch.empty(numel, dtype=torch.float32) for _ in range(2)]
+    if masks is None:
+        masks = dare_masks(generator, len(flats), numel, density)
+    used = [(flat, mask, weight / density) for flat, mask, weight in zip(flats, masks, weights, strict=True) if weight]
+    merged = torch.empty(numel, dtype=torch.float32)
 
-    def accumulate(flat: torch.Tensor, draws: torch.Tensor, factor: float) -> None:
-        buffer = torch.empty(CHUNK, dtype=torch.float32)
-        for first, last in _chunks(0, numel, CHUNK):
-            delta, kept = buffer[: last - first], draws[first:last]
-            torch.lt(kept, density, out=kept)  # 1.0 or 0.0: x * kept is the value x * bool gives
-            merged[first:last].add_(delta.copy_(flat[first:last]).sub_(base[first:last]).mul_(kept).mul_(factor))
+    def span(start: int, end: int) -> None:
+        buffer = torch.empty(DARE_CHUNK, dtype=torch.float32)
+        for first, last in _chunks(start, end, DARE_CHUNK):
+            accumulator, delta = merged[first:last].zero_(), buffer[: last - first]
+            for flat, mask, factor in used:
+                # 1 or 0 as uint8: x * kept is the value x * bool (and x * 1.0 / 0.0) gives
+                kept = torch.from_numpy(np.unpackbits(mask[first // 8 : -(-last // 8)], count=last - first))
+                accumulator.add_(delta.copy_(flat[first:last]).sub_(base[first:last]).mul_(kept).mul_(factor))
+            (accumulator if scale == 1.0 else accumulator.mul_(scale)).add_(base[first:last])  # 1.0 * x is x
 
-    with ThreadPoolExecutor(1) as pool:
-        pending = None
-        for expert, (flat, weight) in enumerate(zip(flats, weights, strict=True)):
-            # Every expert's mask is drawn, used or not, so a mask depends only on (generator state, expert).
-            draws = torch.rand(numel, generator=generator, out=masks[expert % 2])
-            if pending is not None:
-                pending.result()
-                pending = None
-            if weight:
-                pending = pool.submit(single_threaded(accumulate), flat, draws, weight / density)
-        if pending is not None:
-            pending.result()
-    return (merged if scale == 1.0 else merged.mul_(scale)).add_(base).view(shape)  # 1.0 * x is x
+    _in_parallel(span, numel, DARE_CHUNK)
+    return merged.view(shape)
 
 
 def concat(stack: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tensor, projection: str) -> torch.Tensor:

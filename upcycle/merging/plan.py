@@ -22,14 +22,8 @@ from upcycle.merging import methods
 from upcycle.merging.base import BaseFFN
 from upcycle.merging.calibrate import LayerwiseCalibration
 from upcycle.merging.grouping import average_linkage, output_distances, weight_distances
+from upcycle.merging.masks import DareMasksAhead, dare_generator
 from upcycle.merging.source import PROJECTIONS, MoESource, fused_projection
-from upcycle.rng import derived_generator
-
-
-def dare_generator(seed: int, layer: int, projection: str, members: list[int]) -> torch.Generator:
-    """Return the generator of the DARE masks of one group: a stream of its own per (seed, layer, projection,
-    members), whatever the other groups are (`upcycle.rng.derived_generator`, keyed by sha256)."""
-    return derived_generator(seed, "dare", layer, projection, tuple(members))
 
 
 @dataclass
@@ -56,6 +50,13 @@ class MergePlan:
 
     def __post_init__(self) -> None:
         self._fused_gate_up: torch.Tensor | None = None
+        moe = self.moe
+        dense_dare = self.method == "dare" and self.experts_out is None
+        self._dare_masks = (
+            DareMasksAhead(self.seed, moe.num_experts, moe.expert_size * moe.hidden_size, self.density)
+            if dense_dare
+            else None
+        )
         self._float64_scratch: torch.Tensor | None = None
 
     def dense_width(self) -> int:
@@ -105,6 +106,9 @@ class MergePlan:
         if self.method == "ties":
             return methods.ties(sub, base, weights, self.density, self.scale)
         if self.method == "dare":
+            if self._dare_masks is not None and len(members) == self.moe.num_experts:  # drawn ahead
+                masks = self._dare_masks.take(layer, projection)
+                return methods.dare(sub, base, weights, self.density, None, self.scale, masks=masks)
             generator = dare_generator(self.seed, layer, projection, members)
             return methods.dare(sub, base, weights, self.density, generator, self.scale)
         if out_dtype is not None:
@@ -163,6 +167,9 @@ class MergePlan:
         One projection of the experts is held at a time: read, merged, cast, dropped.
         """
         moe = self.moe
+        if self._dare_masks is not None:  # this layer's masks, and the next layer's while this one is merged
+            for ahead in [layer, *[later for later in moe.moe_layers if later > layer][:1]]:
+                self._dare_masks.request(ahead)
         coefficients = self.coefficients(layer)
         self.expert_weights[layer] = methods.normalized(coefficients).tolist()
         shared = moe.shared_projections(layer)
