@@ -97,3 +97,23 @@ def test_weight_distances_equal_distances_between_flattened_experts():
     stacks = [torch.randn(4, 3, 5, generator=generator), torch.randn(4, 5, 3, generator=generator)]
     flat = torch.cat([s.reshape(4, -1) for s in stacks], dim=1).double()
     assert torch.allclose(weight_distances(stacks), torch.cdist(flat, flat), atol=1e-9)
+
+
+def test_dare_masks_drawn_ahead_give_the_bits_of_drawing_in_place():
+    """The merge draws each projection's masks on another thread, packed, in chunks; the result is the one
+    drawing them inside `dare` from the same generator gives, over several chunks and a short last one."""
+    from upcycle.merging.masks import DareMasksAhead
+
+    generator = torch.Generator().manual_seed(4)
+    experts = (0.02 * torch.randn(3, 301, 1743, generator=generator)).bfloat16()  # > 2 DARE_CHUNKs, odd tail
+    base = (0.02 * torch.randn(301, 1743, generator=generator)).bfloat16()
+    assert base.numel() > 2 * methods.DARE_CHUNK and base.numel() % methods.DARE_CHUNK % 8
+    weights = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)
+    expected = methods.dare(list(experts), base, weights, 0.4, dare_generator(7, 2, "up", [0, 1, 2]), 0.8)
+    ahead = DareMasksAhead(seed=7, experts=3, numel=base.numel(), density=0.4)
+    ahead.request(2)
+    requested = ahead.take(2, "up")
+    drawn_on_the_spot = ahead.take(2, "up")  # taken already: drawn now, from a fresh generator
+    for masks in (requested, drawn_on_the_spot):
+        got = methods.dare(list(experts), base, weights, 0.4, None, 0.8, masks=masks)
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
