@@ -1,9 +1,9 @@
-"""DARE's keep masks, drawn on a background thread ahead of the projections that use them.
+"""DARE's keep masks, drawn on background threads ahead of the projections that use them.
 
 Drawing is the serial part of a DARE merge: one generator, ~3.5 ns per entry (`torch.rand`), 8 x 16.8M
 entries per projection at the 1B shape, ~0.5 s, while the rest of the merge runs on both cores. Each
 projection's masks come from a generator of their own (`dare_generator`), so drawing the next projections'
-masks on another thread while this one is merged gives the same bits.
+masks on other threads while this one is merged gives the same bits.
 """
 
 from __future__ import annotations
@@ -26,15 +26,21 @@ def dare_generator(seed: int, layer: int, projection: str, members: list[int]) -
     return derived_generator(seed, "dare", layer, projection, tuple(members))
 
 
+# Threads drawing masks: two projections' masks are drawn at once (their generators are independent), so the
+# serial drawing (~22 s of a 1B-shaped 8-expert merge) no longer sets the pace: merge dare on scripts/bench/scale.py
+# took 33.7-34.4 s with one thread, 30.3-30.8 s with two (alternating runs).
+DRAWING_THREADS = 2
+
+
 class DareMasksAhead:
     """The masks of the merge of all `experts` experts of each layer into one, drawn in the order requested on
-    one daemon thread (a failed or interrupted merge does not wait for it)."""
+    `DRAWING_THREADS` daemon threads (a failed or interrupted merge does not wait for them)."""
 
     def __init__(self, seed: int, experts: int, numel: int, density: float):
         self._seed, self._experts, self._numel, self._density = seed, experts, numel, density
         self._futures: dict[tuple[int, str], Future] = {}
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def request(self, layer: int) -> None:
         """Queue the masks of every projection of `layer` (once)."""
@@ -43,9 +49,10 @@ class DareMasksAhead:
                 future: Future = Future()
                 self._futures[(layer, projection)] = future
                 self._queue.put((future, layer, projection))
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="upcycle-dare-masks", daemon=True)
-            self._thread.start()
+        while len(self._threads) < DRAWING_THREADS:
+            thread = threading.Thread(target=self._run, name="upcycle-dare-masks", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def take(self, layer: int, projection: str) -> list[np.ndarray]:
         """Return the packed masks of `projection` of `layer` (`methods.dare_masks`), drawn now if not requested.
