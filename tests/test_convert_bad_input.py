@@ -143,9 +143,11 @@ def test_plain_pytorch_bin_checkpoint_converts(llama, tmp_path, input_ids):
 
 SLOW_CONVERT = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     import upcycle.checkpoint as checkpoint
     from upcycle.cli import main
+    # Ctrl-C's KeyboardInterrupt even when started with SIGINT ignored (inherited from a shell's background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     write = checkpoint.StreamingWriter.write
     def slow_write(self, name, tensor):
         write(self, name, tensor)
