@@ -207,9 +207,6 @@ class LayerwiseModel:
         previous layer's stacks where the shapes agree: nothing may hold them any more, see `holds`)."""
         moe, size = self.moe, self.moe.expert_size
         following = [later for later in moe.moe_layers if later > layer]
-        # Requested already unless asked for out of order; a name taken without a request would be read through
-        # the memory map, on this thread.
-        self._stream.request(moe.expert_read_order(layer))
         if following:
             self._stream.request(moe.expert_read_order(following[0]))
         names = moe.projection_tensor_names(layer)

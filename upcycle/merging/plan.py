@@ -106,7 +106,7 @@ class MergePlan:
         if self.method == "ties":
             return methods.ties(sub, base, weights, self.density, self.scale)
         if self.method == "dare":
-            if self._dare_masks is not None and len(members) == self.moe.num_experts:  # drawn ahead
+            if self._dare_masks is not None:  # a dense merge (all experts): its masks were drawn ahead
                 masks = self._dare_masks.take(layer, projection)
                 return methods.dare(sub, base, weights, self.density, None, self.scale, masks=masks)
             generator = dare_generator(self.seed, layer, projection, members)
