@@ -153,9 +153,11 @@ SLOW_CONVERT = textwrap.dedent(
         write(self, name, tensor)
         time.sleep(0.2)
     checkpoint.StreamingWriter.write = slow_write
-    # every tensor straight to its file: small ones are otherwise gathered in memory up to 8 MiB, so this
-    # tiny model's shard showed data only as it closed, 0.8 s before the end (and the signal could come late)
-    checkpoint.StreamingWriter.Shard.BUFFER = 1
+    # every tensor straight to its file: the writer otherwise gathers bytes in memory (16 MiB direct stages,
+    # or 8 MiB of small tensors), so this tiny model's shard showed data only as it closed, 0.8 s before the
+    # end (and the signal could come late)
+    checkpoint.shards.BufferedShard.BUFFER = 1
+    checkpoint.shards.DirectShard.STAGE = checkpoint.shards.ALIGNMENT
     sys.exit(main(sys.argv[1:]))
     """
 )

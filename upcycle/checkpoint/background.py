@@ -1,9 +1,10 @@
 """One background thread that runs submitted jobs in order, with a bound on the bytes they hold.
 
-The streaming writer hands it each tensor's write: `os.pwrite` copies into the page cache without
-the GIL, so on a second core while the caller computes the next tensor. On the 2-core benchmark VM
-that copy was 13% of a merge's CPU time (perf, scripts/bench/scale.py), all of it on the thread
-that also does the arithmetic.
+The streaming writer hands it each tensor's write, so the copy of the bytes (into the page cache,
+or into a `DirectShard`'s aligned buffers) runs without the GIL on a second core while the caller
+computes the next tensor. On the 2-core benchmark VM that copy was 13% of a merge's CPU time (perf,
+scripts/bench/scale.py), all of it on the thread that also does the arithmetic. A `DirectShard`
+hands its full buffers to one of its own, so the disk writes one while the next is filled.
 """
 
 from __future__ import annotations
@@ -16,19 +17,19 @@ from collections.abc import Callable
 class SerialWorker:
     """Runs jobs one at a time, in submission order, on one daemon thread.
 
-    `submit` waits while the jobs queued hold more than `limit` bytes (the caller keeps computing
-    at most that far ahead). The first exception a job raises is re-raised by the next `submit` or
-    `drain`; later jobs are skipped.
+    `name` names the thread. `submit` waits while the jobs queued hold more than `limit` bytes (the
+    caller keeps computing at most that far ahead). The first exception a job raises is re-raised by
+    the next `submit` or `drain`; later jobs are skipped.
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, name: str = "upcycle-writer"):
         self._limit = limit
         self._jobs: deque[tuple[Callable[[], None], int]] = deque()
         self._queued = 0
         self._busy = False
         self._error: BaseException | None = None
         self._condition = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="upcycle-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, job: Callable[[], None], nbytes: int) -> None:

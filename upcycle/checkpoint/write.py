@@ -25,6 +25,7 @@ import torch
 from upcycle.checkpoint.background import SerialWorker
 from upcycle.checkpoint.formats import CONFIG_FILE, SAFETENSORS_DTYPES, SAFETENSORS_INDEX, SHARD_PATTERN
 from upcycle.checkpoint.output import atomic_output_dir, check_output_dir
+from upcycle.checkpoint.shards import BufferedShard, DirectShard, open_shard
 from upcycle.errors import UpcycleError
 from upcycle.progress import progress
 
@@ -115,122 +116,9 @@ class StreamingWriter:
     The specs are known up front, so every shard's header is written before any data; each tensor
     is then written at its place when it arrives (each planned tensor exactly once, in any order),
     and a shard's file is flushed to disk (fsync) and closed as soon as its last tensor is in.
-    Data is sent to disk as it is written and does not stay in the page cache (see `Shard`).
+    Data goes to disk as it is written, with O_DIRECT where the file system takes it, else through a page cache
+    that is drained as it goes (`upcycle.checkpoint.shards`).
     """
-
-    class Shard:
-        """One shard file being written: positioned writes, small tensors gathered into large
-        writes, and the written data sent to disk and dropped from the page cache as it goes.
-
-        Written data leaves the page cache in windows of `WINDOW` bytes: the writeback of a window
-        is started when it is full (sync_file_range) and waited for one window later, then the
-        window is dropped from the cache (posix_fadvise DONTNEED). The disk writes while the next
-        window is computed, and the page cache never fills: when it does, the kernel reclaims it
-        inside write(), which made a 13.75 GB conversion 3.6x slower than the disk
-        (scripts/bench/scale.py). Where sync_file_range is missing, each window is fdatasync'ed
-        instead. The file is fsynced when closed, as before.
-        """
-
-        WINDOW = 256 * 2**20
-        BUFFER = 8 * 2**20
-        WAIT_BEFORE, WRITE, WAIT_AFTER = 1, 2, 4  # SYNC_FILE_RANGE_* flags
-        _sync_file_range: Callable | None = None
-        _loaded = False
-
-        def __init__(self, path: Path, header: bytes):
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-            self._buffer = bytearray()
-            self._buffer_offset = 0
-            self._window: tuple[int, int] | None = None  # [start, end) written since the last window was sent
-            self._window_bytes = 0
-            self._in_flight: tuple[int, int] | None = None  # the window whose writeback was started
-            self.write_at(0, memoryview(header))
-
-        @classmethod
-        def sync_file_range(cls) -> Callable | None:
-            """Return Linux's sync_file_range(fd, offset, nbytes, flags) through ctypes, or None elsewhere."""
-            if not cls._loaded:
-                import ctypes
-                import ctypes.util
-                import sys
-
-                cls._loaded = True
-                if sys.platform.startswith("linux"):
-                    try:
-                        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-                        function = libc.sync_file_range
-                        function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-                        function.restype = ctypes.c_int
-                        cls._sync_file_range = function
-                    except (OSError, AttributeError):
-                        pass
-            return cls._sync_file_range
-
-        def write_at(self, offset: int, data: memoryview) -> None:
-            """Write `data` at `offset` (small writes are gathered while they follow each other)."""
-            if len(data) < self.BUFFER:
-                if self._buffer and self._buffer_offset + len(self._buffer) == offset:
-                    self._buffer += data
-                else:
-                    self._flush_buffer()
-                    self._buffer_offset, self._buffer = offset, bytearray(data)
-                if len(self._buffer) >= self.BUFFER:
-                    self._flush_buffer()
-                return
-            self._flush_buffer()
-            self._pwrite(offset, data)
-
-        def _flush_buffer(self) -> None:
-            if self._buffer:
-                buffer, self._buffer = self._buffer, bytearray()
-                self._pwrite(self._buffer_offset, memoryview(buffer))
-
-        def _pwrite(self, offset: int, data: memoryview) -> None:
-            start, end = offset, offset + len(data)
-            while offset < end:
-                offset += os.pwrite(self.fd, data[offset - start :], offset)
-            window = self._window
-            self._window = (start, end) if window is None else (min(window[0], start), max(window[1], end))
-            self._window_bytes += end - start
-            if self._window_bytes >= self.WINDOW:
-                self._send_window()
-
-        def _send_window(self) -> None:
-            start, end = self._window
-            self._window, self._window_bytes = None, 0
-            if self.sync_file_range() is None:
-                os.fdatasync(self.fd)
-                self._drop(start, end)
-                return
-            if self._in_flight is not None:
-                self._sync_range(*self._in_flight, self.WAIT_BEFORE | self.WRITE | self.WAIT_AFTER)
-                self._drop(*self._in_flight)
-            self._sync_range(start, end, self.WRITE)
-            self._in_flight = (start, end)
-
-        def _sync_range(self, start: int, end: int, flags: int) -> None:
-            if self.sync_file_range()(self.fd, start, end - start, flags) != 0:
-                import ctypes
-
-                error = ctypes.get_errno()
-                raise OSError(error, os.strerror(error))
-
-        def _drop(self, start: int, end: int) -> None:
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
-
-        def close(self) -> None:
-            """Write what is buffered, fsync the file, drop it from the page cache and close it."""
-            try:
-                self._flush_buffer()
-                os.fsync(self.fd)
-                self._drop(0, 0)  # length 0: to the end of the file
-            finally:
-                os.close(self.fd)
-
-        def abort(self) -> None:
-            """Close the file as it is (the caller discards it)."""
-            os.close(self.fd)
 
     def __init__(self, directory: Path, specs: Sequence[TensorSpec], max_shard_size: str | int = "5GB"):
         from huggingface_hub import split_state_dict_into_shards_factory
@@ -261,7 +149,7 @@ class StreamingWriter:
                 self._position[spec.name] = (spec, offset)
                 offset += spec.nbytes
         self._remaining = {file: len(shard_specs) for file, shard_specs in self._layout.items()}
-        self._files: dict[str, StreamingWriter.Shard] = {}  # touched by the worker thread only, until it stops
+        self._files: dict[str, DirectShard | BufferedShard] = {}  # touched by the worker thread only, until it stops
         self._worker: SerialWorker | None = None
 
     @property
@@ -303,7 +191,7 @@ class StreamingWriter:
         """On the worker thread: write `data` at `offset` of `file`, and close the file after its last tensor."""
         shard = self._files.get(file)
         if shard is None:
-            shard = self._files[file] = self.Shard(self.directory / file, self._headers[file])
+            shard = self._files[file] = open_shard(self.directory / file, self._headers[file])
         shard.write_at(offset, memoryview(data.numpy()))
         if last:
             self._files.pop(file).close()
