@@ -24,7 +24,7 @@ from upcycle.checkpoint import (
     write_checkpoint,
 )
 from upcycle.errors import UpcycleError, flag
-from upcycle.families.configs import build_dense_config
+from upcycle.families.configs import build_dense_config, import_config_class_in_background
 from upcycle.merging.base import BaseFFN
 from upcycle.merging.calibrate import LayerwiseCalibration
 from upcycle.merging.card import write_merge_card
@@ -187,6 +187,8 @@ def merge(
             f"{flag('experts')} must be between 1 and {moe.num_experts - 1} "
             f"({moe.name} has {moe.num_experts} experts); leave it out to merge into a dense model"
         )
+    if experts is None:
+        import_config_class_in_background(moe.family.source_model_types[0])
     base_ffn = BaseFFN(moe, None if base is None else str(base), method) if method in TASK_VECTOR_METHODS else None
     density = density if density is not None else DEFAULT_DENSITY.get(method, 1.0)
     texts = load_calibration_texts(calibration, calibration_samples) if calibration is not None else None

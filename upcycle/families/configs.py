@@ -106,6 +106,27 @@ def leading_dense_count(family: FamilyPair, dense_layers: list[int]) -> int:
     return count
 
 
+def import_config_class_in_background(model_type: str) -> None:
+    """Start importing transformers' config class of `model_type` on a daemon thread, and return at once.
+
+    A merge builds its dense config.json only after the last tensor is written (it records what the layers
+    computed), and `LlamaConfig`'s module pulls in transformers' kernels, accelerate and sympy: 1-2 s of one core
+    with the disk idle at the end of every merge on scripts/bench/scale.py. Imported while the tensors stream, it is
+    ready by then. A failure is left to the later import on the caller's thread, which raises it where it belongs.
+    """
+    import threading
+
+    def load() -> None:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        try:
+            CONFIG_MAPPING[model_type]
+        except Exception:  # noqa: BLE001 - raised again, where it matters, by the caller's own import
+            return
+
+    threading.Thread(target=load, name="upcycle-config-import", daemon=True).start()
+
+
 def build_dense_config(
     family: FamilyPair, moe_config: dict, name: str, intermediate_size: int, provenance: dict
 ) -> dict:
