@@ -214,3 +214,22 @@ def test_ties_thresholds_are_exact_when_the_sample_misleads(sampled, small_chunk
         assert bits(methods.ties(experts, base, coefficients, density)) == bits(
             reference_ties(experts, base, coefficients, density, 1.0)
         )
+
+
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_ties_and_dare_into_an_output_dtype_give_the_bits_of_casting_the_float32_result(base_dtype, out_dtype):
+    """The merge hands ties and dare an output tensor of the checkpoint's dtype: each chunk is cast into it as it
+    is done, and a bfloat16 base is used without a float32 copy; the bits are the reference's, cast."""
+    generator = torch.Generator().manual_seed(6)
+    base = (0.02 * torch.randn(129, 1031, generator=generator)).to(base_dtype)  # several chunks, an odd tail
+    experts = (base + 0.002 * torch.randn(3, 129, 1031, generator=generator)).bfloat16()
+    coefficients = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    out = torch.empty(129, 1031, dtype=out_dtype)
+    got = methods.ties(list(experts), base, coefficients, 0.3, 0.7, out=out)
+    assert got.data_ptr() == out.data_ptr() and got.dtype == out_dtype
+    assert bits(got) == bits(reference_ties(experts, base, coefficients, 0.3, 0.7).to(out_dtype))
+    new, old = torch.Generator().manual_seed(8), torch.Generator().manual_seed(8)
+    got = methods.dare(list(experts), base, coefficients, 0.4, new, 0.7, out=torch.empty(129, 1031, dtype=out_dtype))
+    assert got.dtype == out_dtype
+    assert bits(got) == bits(reference_dare(experts, base, coefficients, 0.4, old, 0.7).to(out_dtype))

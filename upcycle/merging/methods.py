@@ -219,8 +219,9 @@ def _counts_around(expert: torch.Tensor, base: torch.Tensor, value: float) -> tu
 
 
 def _kth_smallest_magnitude(expert: torch.Tensor, base: torch.Tensor, k: int) -> float:
-    """Return the k-th smallest (1-based) of |float32(expert) - base|: the value `kthvalue(k)` of the
-    magnitudes gives. `expert` and the float32 `base` are flat and of equal length.
+    """Return the k-th smallest (1-based) of |float32(expert) - float32(base)|: the value `kthvalue(k)` of the
+    magnitudes gives. `expert` and `base` (float32, or a narrower float that widens exactly) are flat and of
+    equal length.
 
     The magnitudes are never materialised: an evenly spaced sample brackets the answer, one chunked pass
     counts the magnitudes below the bracket and keeps those inside (about 1.6%), and np.partition picks
@@ -273,12 +274,18 @@ def ties(
     coefficients: torch.Tensor,
     density: float,
     scale: float = 1.0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Return the TIES merge (trim to `density`, elect sign, disjoint weighted mean) added to `base` (float32).
+    """Return the TIES merge (trim to `density`, elect sign, disjoint weighted mean) added to `base`, in float32 or
+    in `out` (a tensor of one expert's number of elements, e.g. bfloat16: each float32 chunk is cast into it as it
+    is done, the bits of casting the float32 result afterwards).
 
     The trim threshold of each expert needs all its task vector (one expert per thread at a time); the
     sign election and the merge are then done chunk by chunk across the experts, with the operations per
-    element, and the chunks, of the whole-matrix code this replaced (the same bits: see CHUNK).
+    element, and the chunks, of the whole-matrix code this replaced (the same bits: see CHUNK). A bfloat16 or
+    float16 `base` is used as it is: each operation widens it to float32 exactly, so no float32 copy is made
+    (with the float32 result, 128 MiB of fresh memory per projection at the 1B shape that `out` avoids: page
+    faults and the kernel zeroing them were ~8% of merge ties' samples on scripts/bench/scale.py).
 
     Raises:
         ValueError: a coefficient is negative.
@@ -288,13 +295,13 @@ def ties(
         raise ValueError(f"ties: coefficients must be non-negative, got {coefficients.tolist()}")
     flats, shape = _flat_experts(stack)
     experts = len(flats)
-    base = base.float().reshape(-1)
+    base = (base if base.dtype in (torch.bfloat16, torch.float16, torch.float32) else base.float()).reshape(-1)
     numel = base.numel()
     keep = max(1, round(density * numel))
     bounds = _trim_bounds(flats, base, keep) if keep < numel else [None] * experts
     trims = [(expert, bound) for expert, bound in enumerate(bounds) if bound is not None]
     weights = normalized(coefficients).float().unsqueeze(1)
-    merged = torch.empty(numel, dtype=torch.float32)
+    merged = torch.empty(numel, dtype=torch.float32) if out is None else out.view(-1)
 
     def span(start: int, end: int) -> None:
         buffers = [torch.empty(experts * TIES_CHUNK, dtype=torch.float32) for _ in range(3)]
@@ -320,7 +327,11 @@ def ties(
             # numerator is +0 and so is +0 / 1e-30: the 0 that torch.where(denominator > 0, ..., 0) put there
             # (which cost ~9% of this loop: torch builds a bool mask at ~1 ns per element, 8x a float op).
             chunk = numerator.div_(denominator.clamp_min_(1e-30))
-            torch.add(base_chunk, chunk if scale == 1.0 else chunk.mul_(scale), out=merged[first:last])  # 1.0 * x is x
+            chunk = chunk if scale == 1.0 else chunk.mul_(scale)  # 1.0 * x is x
+            if merged.dtype == torch.float32:
+                torch.add(base_chunk, chunk, out=merged[first:last])
+            else:
+                merged[first:last].copy_(torch.add(base_chunk, chunk, out=chunk))
 
     _in_parallel(span, numel, TIES_CHUNK)
     return merged.view(shape)
@@ -373,8 +384,10 @@ def dare(
     generator: torch.Generator | None,
     scale: float = 1.0,
     masks: list[np.ndarray] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Return base + scale * sum_e w_e * drop_rescale(stack[e] - base) (DARE, float32).
+    """Return base + scale * sum_e w_e * drop_rescale(stack[e] - base) (DARE), in float32 or in `out` (a tensor
+    of one expert's number of elements: each float32 chunk is cast into it as it is done, as `ties` does).
 
     The masks are `dare_masks(generator, ...)`, one per expert in order, or `masks` when drawn already
     (then `generator` is not used). The experts are added in order, chunk by chunk, in parallel spans.
@@ -388,17 +401,21 @@ def dare(
     if masks is None:
         masks = dare_masks(generator, len(flats), numel, density)
     used = [(flat, mask, weight / density) for flat, mask, weight in zip(flats, masks, weights, strict=True) if weight]
-    merged = torch.empty(numel, dtype=torch.float32)
+    merged = torch.empty(numel, dtype=torch.float32) if out is None else out.view(-1)
 
     def span(start: int, end: int) -> None:
         buffer = torch.empty(DARE_CHUNK, dtype=torch.float32)
+        staging = None if merged.dtype == torch.float32 else torch.empty(DARE_CHUNK, dtype=torch.float32)
         for first, last in _chunks(start, end, DARE_CHUNK):
-            accumulator, delta = merged[first:last].zero_(), buffer[: last - first]
+            accumulator = merged[first:last] if staging is None else staging[: last - first]
+            accumulator, delta = accumulator.zero_(), buffer[: last - first]
             for flat, mask, factor in used:
                 # 1 or 0 as uint8: x * kept is the value x * bool (and x * 1.0 / 0.0) gives
                 kept = torch.from_numpy(np.unpackbits(mask[first // 8 : -(-last // 8)], count=last - first))
                 accumulator.add_(delta.copy_(flat[first:last]).sub_(base[first:last]).mul_(kept).mul_(factor))
             (accumulator if scale == 1.0 else accumulator.mul_(scale)).add_(base[first:last])  # 1.0 * x is x
+            if staging is not None:
+                merged[first:last].copy_(accumulator)
 
     _in_parallel(span, numel, DARE_CHUNK)
     return merged.view(shape)

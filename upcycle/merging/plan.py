@@ -90,8 +90,8 @@ class MergePlan:
         """Return one projection (gate, up or down) of the experts `members` merged into one by the method.
 
         `experts` holds that projection of every routed expert of `layer`; `base` the base FFN's
-        projection for the task-vector methods. With `out_dtype`, a weighted mean comes in that dtype
-        (cast chunk by chunk: the bits of casting its float64 result); other results are cast by the caller.
+        projection for the task-vector methods. With `out_dtype`, a weighted mean, ties and dare come in that
+        dtype (cast chunk by chunk: the bits of casting their result); other results are cast by the caller.
         """
         sub = [experts[member] for member in members]
         weights = coefficients[torch.tensor(members)]
@@ -103,16 +103,17 @@ class MergePlan:
             return methods.concat(sub, weights, projection)
         if self.method == "task-arithmetic":
             return methods.task_arithmetic(sub, base, weights, self.scale)
+        out = None if out_dtype is None else torch.empty(sub[0].shape, dtype=out_dtype)
         if self.method == "ties":
-            return methods.ties(sub, base, weights, self.density, self.scale)
+            return methods.ties(sub, base, weights, self.density, self.scale, out=out)
         if self.method == "dare":
             if self._dare_masks is not None:  # a dense merge (all experts): its masks were drawn ahead
                 masks = self._dare_masks.take(layer, projection)
-                return methods.dare(sub, base, weights, self.density, None, self.scale, masks=masks)
+                return methods.dare(sub, base, weights, self.density, None, self.scale, masks=masks, out=out)
             generator = dare_generator(self.seed, layer, projection, members)
-            return methods.dare(sub, base, weights, self.density, generator, self.scale)
-        if out_dtype is not None:
-            return methods.weighted_mean(sub, weights, out=torch.empty(sub[0].shape, dtype=out_dtype))
+            return methods.dare(sub, base, weights, self.density, generator, self.scale, out=out)
+        if out is not None:
+            return methods.weighted_mean(sub, weights, out=out)
         return methods.weighted_mean(sub, weights, out=self._scratch(sub[0].numel()))
 
     def _scratch(self, numel: int) -> torch.Tensor:
