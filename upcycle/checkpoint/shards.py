@@ -20,10 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from upcycle.checkpoint.background import SerialWorker
-
-# O_DIRECT wants the file offset, the length and the memory address of each transfer aligned to the device's
-# logical block: 4 KiB covers every common disk (512-byte and 4Kn ones).
-ALIGNMENT = 4096
+from upcycle.checkpoint.prefetch import ALIGNMENT
 
 
 class BufferedShard:

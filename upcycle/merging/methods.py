@@ -295,7 +295,7 @@ def ties(
         raise ValueError(f"ties: coefficients must be non-negative, got {coefficients.tolist()}")
     flats, shape = _flat_experts(stack)
     experts = len(flats)
-    base = (base if base.dtype in (torch.bfloat16, torch.float16, torch.float32) else base.float()).reshape(-1)
+    base = _widening_base(base)
     numel = base.numel()
     keep = max(1, round(density * numel))
     bounds = _trim_bounds(flats, base, keep) if keep < numel else [None] * experts
@@ -337,6 +337,12 @@ def ties(
     return merged.view(shape)
 
 
+def _widening_base(base: torch.Tensor) -> torch.Tensor:
+    """Return `base` flat, as it is where each float32 operation widens it exactly (bfloat16, float16, float32),
+    else as float32: no float32 copy of a low-precision base."""
+    return (base if base.dtype in (torch.bfloat16, torch.float16, torch.float32) else base.float()).reshape(-1)
+
+
 def _ties_chunks(start: int, end: int, numel: int) -> Iterator[tuple[int, int]]:
     """Yield the chunks of ties' main pass over [start, end) (multiples of CHUNK): TIES_CHUNK elements at a time
     up to the last CHUNK boundary of `numel`, then CHUNK ones, so the short last chunk is the one the chunks of
@@ -363,7 +369,7 @@ def dare_masks(generator: torch.Generator, experts: int, numel: int, density: fl
     packed 8 entries a byte (np.packbits of rand < density): 2 MiB per expert at the 1B shape, not 64.
 
     Drawing is serial (one generator, ~3.5 ns per entry), so a merge draws the next projections' masks on
-    another thread while this one is merged (`upcycle.merging.plan`): each projection has its own generator.
+    other threads while this one is merged (`upcycle.merging.masks`): each projection has its own generator.
     """
     draws = torch.empty(DARE_CHUNK, dtype=torch.float32)
     masks = []
@@ -395,8 +401,7 @@ def dare(
     weights = normalized(coefficients).tolist()
     flats, _ = _flat_experts(stack)
     shape = base.shape
-    # bfloat16 and float16 become float32 exactly inside each operation: no float32 copy of the base
-    base = (base if base.dtype in (torch.bfloat16, torch.float16, torch.float32) else base.float()).reshape(-1)
+    base = _widening_base(base)
     numel = base.numel()
     if masks is None:
         masks = dare_masks(generator, len(flats), numel, density)
