@@ -46,9 +46,12 @@ def tensor_digest(directory: Path) -> str:
 
 
 def config_digest(directory: Path) -> str:
-    """Return the sha256 of config.json without the `upcycle` provenance section (it names paths)."""
+    """Return the sha256 of config.json without the `upcycle` provenance section (it names paths) and
+    without `transformers_version` (the stamp of the installed transformers: 5.25.0 changed only that
+    field, so the record would otherwise break with every transformers release)."""
     config = json.loads((directory / "config.json").read_text())
     config.pop("upcycle", None)
+    config.pop("transformers_version", None)
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 

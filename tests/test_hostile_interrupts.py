@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -133,20 +132,26 @@ def test_sigkill_leaves_an_owned_temporary_that_the_next_run_removes(big, work, 
 
 
 def test_two_runs_into_one_output_one_wins_and_the_other_stops_at_once(big, work):
+    # The first run is held (SIGSTOP) mid-write, so the second surely starts while the first owns
+    # the output: started together, a fast first run could finish before the second one's Python
+    # had even imported torch, and the second would then meet a finished output instead.
     out = work / "out"
-    runs = [start("convert", str(big), str(out), "--experts", EXPERTS, "--quiet") for _ in range(2)]
-    results = [(run.pid, *run.communicate(timeout=60), run.returncode) for run in runs]
-    codes = sorted(code for *_, code in results)
-    assert codes == [0, 2], results
-    (winner, *_), (_, _, err, _) = sorted(results, key=lambda result: result[-1])
-    assert len(err.splitlines()) == 1, err
-    match = re.fullmatch(
-        rf"upcycle: error: another upcycle run \(pid (\d+|unknown)\) is writing {re.escape(str(out))}; "
-        r"wait for it to finish or choose another output",
-        err.strip(),
-    )
-    assert match, err
-    assert match.group(1) in (str(winner), "unknown")
+    winner = start("convert", str(big), str(out), "--experts", EXPERTS, "--quiet")
+    wait_mid_write(out, winner)
+    winner.send_signal(signal.SIGSTOP)
+    try:
+        loser = start("convert", str(big), str(out), "--experts", EXPERTS, "--quiet")
+        _, err = loser.communicate(timeout=60)
+        running_temporaries = list(work.glob("out.tmp-*"))
+    finally:
+        winner.send_signal(signal.SIGCONT)
+    _, winner_err = winner.communicate(timeout=60)
+    assert (winner.returncode, loser.returncode) == (0, 2), (winner_err, err)
+    assert err.splitlines() == [
+        f"upcycle: error: another upcycle run (pid {winner.pid}) is writing {out}; "
+        "wait for it to finish or choose another output"
+    ]
+    assert len(running_temporaries) == 1  # the loser made none of its own and left the winner's alone
     assert sorted(p.name for p in work.iterdir()) == ["out", "stranger.txt"]  # no temporary, no lock file
     assert_loads_as_the_upcycled_source(out, big, int(EXPERTS))
 
