@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "finetune.py"
 SMOKE = ROOT / "recipes" / "configs" / "smoke_cpu.yaml"
 TOKENIZER = ROOT / "examples" / "tiny-llama"
+RUN_TIMEOUT_S = 300  # a run takes 15-60 s on 2 cores; the four start together
 TOTAL_STEPS = 12  # smoke_cpu.yaml: max_steps 12, checkpoint every 4, eval every 6, aux_loss_coef 0.01
 
 # Runs the recipe in this process after wrapping save_checkpoint so that the process SIGKILLs
@@ -58,6 +59,7 @@ def _env(cache: Path) -> dict[str, str]:
         TRANSFORMERS_VERBOSITY="error",
         TQDM_DISABLE="1",
         PYTHONPATH=str(ROOT),
+        PYTHONFAULTHANDLER="1",
     )
     return env
 
@@ -74,8 +76,23 @@ def _read_log(output: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
 
 
+def _finish(process: subprocess.Popen, name: str) -> str:
+    """Wait for a run and return its output; a run that hangs fails the test with every Python stack
+    of its process group (faulthandler prints them on SIGABRT) instead of eating the CI budget."""
+    try:
+        return process.communicate(timeout=RUN_TIMEOUT_S)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGABRT)
+        try:
+            out = process.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out = process.communicate()[0]
+        pytest.fail(f"{name} run hung for {RUN_TIMEOUT_S} s; its output and stacks:\n{out[-12000:]}")
+
+
 def _check(process: subprocess.Popen, name: str) -> None:
-    out, _ = process.communicate(timeout=600)
+    out = _finish(process, name)
     assert process.returncode == 0, f"{name} run failed:\n{out[-4000:]}"
 
 
@@ -104,7 +121,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     env = _env(root / "datasets-cache")
     out = {name: root / name for name in ("reference", "ddp", "no_aux", "killed")}
     python = [sys.executable, str(RECIPE)]
-    popen = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    popen = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True)
     reference = subprocess.Popen(
         python + _overrides(tiny, out["reference"], "logging.report_to=[tensorboard]", "output.export=dense"), **popen
     )
@@ -133,7 +150,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     killed = subprocess.Popen(
         [sys.executable, "-c", KILL_AFTER_CHECKPOINT, *python[1:], *_overrides(tiny, out["killed"])], **popen
     )
-    killed_output, _ = killed.communicate(timeout=600)
+    killed_output = _finish(killed, "killed")
     assert killed.returncode == -signal.SIGKILL, f"the run was not killed:\n{killed_output[-4000:]}"
     out["killed_log"] = [json.loads(line) for line in (out["killed"] / "metrics.jsonl").read_text().splitlines()]
     resumed = subprocess.Popen(python + _overrides(tiny, out["killed"]) + ["--resume"], **popen)
