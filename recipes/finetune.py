@@ -16,6 +16,7 @@ files under recipes/configs/.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,7 @@ def train(args: argparse.Namespace) -> None:
     if eval_loader is not None and not (config.eval.every_steps and plan.total_steps % config.eval.every_steps == 0):
         report_eval(accelerator, log, plan.total_steps, evaluate(model, eval_loader, accelerator))
     save(run, model, tokenizer)
+    leave_distributed_run(accelerator)
 
 
 def setup(args: argparse.Namespace) -> Run:
@@ -285,23 +287,19 @@ def main(argv: list[str] | None = None) -> None:
     except UpcycleError as err:
         print(f"finetune: error: {err}", file=sys.stderr)
         sys.exit(2)
-    _exit_distributed_worker()
 
 
-def _exit_distributed_worker() -> None:
-    """End a distributed worker without the interpreter's teardown once every rank is done.
+def leave_distributed_run(accelerator: Any) -> None:
+    """End a worker of a multi-process run with ``os._exit(0)``; return at once in a single process.
 
-    Tearing down DDP's reducer and the gloo process group at interpreter exit can deadlock (a gloo
-    worker thread waits for the GIL while the destructor joins it; pytorch#56297): a 2-process CPU
-    run finished, wrote its output and then hung until killed, twice under load. Everything is
-    saved and the trackers are closed by then, so the worker leaves with `os._exit(0)`.
+    Called last in `train`, while its frame still holds the DDP model: ``end_training`` has closed
+    the trackers and destroyed the process group, and what was left was freeing DDP's reducer and
+    the gloo group it still references when `train` returns. That teardown deadlocked one rank in
+    about one `tests/test_recipes.py` run in ten on 2 cores (py-spy: rank 0 blocked on `train`'s
+    return with its output saved, rank 1 gone; pytorch#56297). Every file is written and closed
+    by then, so there is nothing for the interpreter's teardown to do.
     """
-    import os
-
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    if accelerator.num_processes > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

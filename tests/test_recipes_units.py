@@ -259,3 +259,25 @@ def test_progress_bar_honours_tqdm_disable():
         assert done.returncode == 0, done.stderr
         shown[value] = done.stdout.split()
     assert shown == {"1": ["True", "True"], None: ["False", "True"]}
+
+
+def test_a_worker_of_a_multi_process_run_leaves_with_os_exit_and_a_single_process_returns(monkeypatch):
+    """After `end_training` has destroyed the process group, a worker must not unwind `train`'s frame
+    (freeing DDP's reducer and its gloo group deadlocked one rank); a single process returns."""
+    recipe = runpy.run_path(str(ROOT / "recipes" / "finetune.py"), run_name="finetune_recipe")
+    leave = recipe["leave_distributed_run"]
+    exits = []
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        exits.append(code)
+        raise Exited
+
+    monkeypatch.setattr(leave.__globals__["os"], "_exit", fake_exit)
+    assert leave(type("OneProcess", (), {"num_processes": 1})()) is None
+    assert exits == []
+    with pytest.raises(Exited):
+        leave(type("TwoProcesses", (), {"num_processes": 2})())
+    assert exits == [0]
